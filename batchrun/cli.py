@@ -1,0 +1,113 @@
+"""The ``batchrun`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+from batchrun import __version__
+from batchrun.errors import ConfigError, PluginError, UsageError
+from batchrun.log import configure_logging
+from batchrun.report import EXIT_USAGE, exit_code
+
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+log = logging.getLogger("batchrun")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An argument parser that raises UsageError instead of exiting, so main() owns every exit code."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser for every batchrun command."""
+    parser = _ArgumentParser(
+        prog="batchrun",
+        description="Run a batch of tasks on a bounded pool of worker processes, with retries and plugin hooks.",
+    )
+    parser.add_argument("--version", action="version", version=f"batchrun {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    commands.required = True
+
+    run = commands.add_parser(
+        "run",
+        help="run the batch described by a TOML file",
+        description=(
+            "Run every task of the batch in CONFIG. Exit codes: 0 every task succeeded, 1 at least one task did "
+            "not succeed, 2 usage or configuration error, 3 the deadline passed, 130 or 143 stopped by SIGINT "
+            "or SIGTERM."
+        ),
+    )
+    run.add_argument("config", metavar="CONFIG", help="path of the batch's TOML file")
+    run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="ceiling on attempts running at once (overrides [run] max_concurrent)")
+    run.add_argument("--max-attempts", type=_positive_int, metavar="N", help="total attempts per task, the first included (overrides every max_attempts)")
+    run.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE", help="load a hook plugin by module path or entry-point name; repeatable")
+    run.add_argument("--grace", type=_non_negative_float, default=10.0, metavar="SECONDS", help="seconds running attempts get to finish after SIGINT or SIGTERM (default: 10)")
+    verbosity = run.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="log every event (-vv adds debug details and worker logs)")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="log only failures")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit code."""
+    try:
+        arguments = build_parser().parse_args(argv)
+    except UsageError as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+
+    if arguments.command == "run":
+        return _run(arguments)
+    return EXIT_USAGE
+
+
+def _run(arguments: argparse.Namespace) -> int:
+    from batchrun.config import load_config
+    from batchrun.runner import run_batch
+
+    verbosity = -1 if arguments.quiet else arguments.verbose
+    configure_logging(verbosity)
+    story_mode = "quiet" if arguments.quiet else ("all" if arguments.verbose else "auto")
+    worker_log_level = logging.INFO if arguments.verbose else logging.WARNING
+
+    try:
+        config = load_config(
+            arguments.config,
+            max_concurrent=arguments.max_concurrent,
+            max_attempts=arguments.max_attempts,
+            extra_plugins=arguments.plugin,
+        )
+        summary = run_batch(config, story_mode=story_mode, grace=arguments.grace, worker_log_level=worker_log_level)
+    except (ConfigError, PluginError, UsageError) as error:
+        print(f"batchrun: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return exit_code(summary)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value

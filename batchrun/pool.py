@@ -1,0 +1,346 @@
+"""Worker processes behind a small backend interface; the only module that imports loky.
+
+The supervisor sees a fixed number of *slots*. Each slot holds at most one
+worker process, and each worker runs at most one attempt at a time, so the
+number of slots is a hard ceiling on attempts running at once. A backend moves
+batches of submissions into slots and brings back the workers' event lists;
+it never decides anything about tasks.
+
+:class:`LokyBackend` gives every slot its own single-worker loky executor.
+loky starts the process and watches it, so a worker death breaks only that
+slot's executor, and the other slots keep running. The attempts themselves
+travel through one pipe per slot rather than through loky futures, because
+one loky future per attempt tops out near 9,000 attempts per second, while a
+long-lived loop fed through a pipe goes several times faster. A pipe per slot
+also shares no lock between workers, so a worker killed mid-write cannot
+block the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
+
+import loky
+
+from batchrun import worker
+from batchrun.errors import PoolBrokenError
+
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SlotEvents:
+    """What one slot reported since the last wait."""
+
+    #: Index of the slot.
+    slot: int
+    #: Event tuples from the worker (see :mod:`batchrun.worker`), in order.
+    events: list[tuple] = field(default_factory=list)
+    #: Set when the slot's worker has exited: a description of how it ended.
+    lost: str | None = None
+
+
+class Backend(ABC):
+    """The interface the supervisor drives; one implementation per process engine."""
+
+    #: Number of slots, which is the ceiling on attempts running at once.
+    size: int
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start a worker in every slot."""
+
+    @abstractmethod
+    def submit(self, slot: int, batch: Sequence[worker.Submission]) -> None:
+        """Queue a batch of submissions on a slot's worker, in order."""
+
+    @abstractmethod
+    def wait(self, timeout: float | None) -> list[SlotEvents]:
+        """Wait up to ``timeout`` seconds for events, and return those that arrived."""
+
+    @abstractmethod
+    def wake(self) -> None:
+        """Make a :meth:`wait` in progress return early; safe from signal handlers and threads."""
+
+    @abstractmethod
+    def stop_starting(self) -> None:
+        """Tell every worker to start no further attempt; queued ones come back as skipped."""
+
+    @abstractmethod
+    def kill(self, slot: int, reason: str) -> None:
+        """Kill a slot's worker and every process it started, logging ``reason``."""
+
+    @abstractmethod
+    def is_ready(self, slot: int) -> bool:
+        """Return whether the slot has a live worker that accepts submissions."""
+
+    @abstractmethod
+    def restart_reaped_slots(self) -> list[int]:
+        """Start a new worker in every lost slot whose old process has been reaped; return those slots."""
+
+    @abstractmethod
+    def pid(self, slot: int) -> int | None:
+        """Return the process id of a slot's worker, once it has reported it."""
+
+    @abstractmethod
+    def close(self, grace: float) -> None:
+        """Stop every worker: ask them to exit, wait ``grace`` seconds, then kill what is left."""
+
+
+class _Slot:
+    """One worker process with its executor, pipe and state."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.executor: Any = None
+        self.future: Any = None
+        self.connection: Connection | None = None
+        self.pid: int | None = None
+        #: "starting", "ready", "lost" (waiting to be reaped), "reaped" or "closed".
+        self.state = "closed"
+        self.lost_reason = ""
+
+
+class LokyBackend(Backend):
+    """Slots that each own a single-worker loky executor and a pipe."""
+
+    def __init__(self, size: int, *, import_paths: Sequence[str] = (), worker_log_level: int = logging.WARNING) -> None:
+        if size < 1:
+            raise ValueError(f"a pool needs at least 1 slot, got {size}")
+        self.size = size
+        self.import_paths = list(import_paths)
+        self.worker_log_level = worker_log_level
+        self.slots = [_Slot(index) for index in range(size)]
+        # Closing the write end tells every worker at once to start nothing
+        # new: each polls the read end, which turns readable at end-of-file.
+        # The supervisor's death closes it too.
+        self._stop_reader, self._stop_writer = multiprocessing.Pipe(duplex=False)
+        self._wake_reader, self._wake_writer = multiprocessing.Pipe(duplex=False)
+        self._wake_fd = self._wake_writer.fileno()
+        os.set_blocking(self._wake_fd, False)
+        self._by_connection: dict[Connection, _Slot] = {}
+        self._lock = threading.Lock()
+
+    # -- starting ------------------------------------------------------------------
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._start_slot(slot)
+
+    def _start_slot(self, slot: _Slot) -> None:
+        parent_end, child_end = multiprocessing.Pipe(duplex=True)
+        try:
+            executor = loky.ProcessPoolExecutor(
+                max_workers=1,
+                initializer=worker.initialize,
+                initargs=(child_end, self._stop_reader, self.import_paths, self.worker_log_level),
+            )
+            future = executor.submit(worker.serve)
+        except Exception as error:
+            raise PoolBrokenError(f"cannot start a worker process for slot {slot.index}: {error}") from error
+
+        # submit() has spawned the process, which inherited its end of the pipe;
+        # closing ours lets the parent see end-of-file when the worker dies.
+        child_end.close()
+        slot.executor = executor
+        slot.future = future
+        slot.connection = parent_end
+        slot.pid = None
+        slot.state = "starting"
+        self._by_connection[parent_end] = slot
+        future.add_done_callback(lambda _future: self.wake())
+        log.debug("worker-starting slot=%d", slot.index)
+
+    # -- attempts ------------------------------------------------------------------
+
+    def submit(self, slot: int, batch: Sequence[worker.Submission]) -> None:
+        target = self.slots[slot]
+        if target.connection is None or target.state not in ("starting", "ready"):
+            raise PoolBrokenError(f"slot {slot} has no live worker")
+        try:
+            target.connection.send(list(batch))
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            # The worker died; wait() reports the loss with its exit status.
+            log.debug("submit-failed slot=%d", slot)
+
+    def wait(self, timeout: float | None) -> list[SlotEvents]:
+        watched: list[Any] = [self._wake_reader, *self._by_connection]
+        ready = wait(watched, timeout)
+        reports: list[SlotEvents] = []
+        for connection in ready:
+            if connection is self._wake_reader:
+                self._drain_wakeups()
+                continue
+            slot = self._by_connection[connection]
+            reports.append(self._read_slot(slot, connection))
+        return reports
+
+    def _read_slot(self, slot: _Slot, connection: Connection) -> SlotEvents:
+        report = SlotEvents(slot.index)
+        try:
+            while True:
+                events = connection.recv()
+                for event in events:
+                    if event[0] == worker.HELLO:
+                        slot.pid = event[1]
+                        slot.state = "ready"
+                    else:
+                        report.events.append(event)
+                if not connection.poll():
+                    break
+        except (EOFError, OSError):
+            self._mark_lost(slot)
+            report.lost = slot.lost_reason
+        return report
+
+    def _mark_lost(self, slot: _Slot) -> None:
+        connection = slot.connection
+        if connection is not None:
+            self._by_connection.pop(connection, None)
+            connection.close()
+        slot.connection = None
+        slot.state = "lost"
+        slot.lost_reason = describe_exit(slot)
+        log.debug("worker-lost slot=%d pid=%s reason=%s", slot.index, slot.pid, slot.lost_reason)
+
+        # loky's executor reaps the process; waiting for that off the
+        # supervisor's thread keeps a slow exit from stalling other slots.
+        executor = slot.executor
+        threading.Thread(target=self._reap, args=(slot, executor), name=f"batchrun-reap-{slot.index}", daemon=True).start()
+
+    def _reap(self, slot: _Slot, executor: Any) -> None:
+        try:
+            executor.shutdown(wait=True, kill_workers=True)
+        except Exception:  # noqa: BLE001 - a failed shutdown of a dead executor changes nothing
+            log.debug("executor-shutdown-failed slot=%d", slot.index, exc_info=True)
+        with self._lock:
+            if slot.executor is executor and slot.state == "lost":
+                slot.state = "reaped"
+        self.wake()
+
+    def restart_reaped_slots(self) -> list[int]:
+        restarted = []
+        for slot in self.slots:
+            with self._lock:
+                is_reaped = slot.state == "reaped"
+            if is_reaped:
+                self._start_slot(slot)
+                restarted.append(slot.index)
+        return restarted
+
+    def is_ready(self, slot: int) -> bool:
+        return self.slots[slot].state in ("starting", "ready")
+
+    def pid(self, slot: int) -> int | None:
+        return self.slots[slot].pid
+
+    # -- control -------------------------------------------------------------------
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_fd, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # The pipe is full, so a wake-up is already pending.
+
+    def _drain_wakeups(self) -> None:
+        try:
+            os.read(self._wake_reader.fileno(), 4096)
+        except (BlockingIOError, OSError):
+            pass
+
+    def stop_starting(self) -> None:
+        if not self._stop_writer.closed:
+            self._stop_writer.close()
+
+    def kill(self, slot: int, reason: str) -> None:
+        target = self.slots[slot]
+        if target.pid is None:
+            log.warning("worker-kill slot=%d reason=%s: the worker has not reported its pid yet", slot, reason)
+            return
+        log.warning("worker-kill slot=%d pid=%d reason=%s", slot, target.pid, reason)
+        kill_process_group(target.pid)
+
+    def close(self, grace: float) -> None:
+        self.stop_starting()
+        for slot in self.slots:
+            if slot.connection is not None:
+                try:
+                    slot.connection.send(None)
+                except OSError:
+                    pass
+
+        deadline = _monotonic() + grace
+        for slot in self.slots:
+            if slot.future is None:
+                continue
+            remaining = max(0.0, deadline - _monotonic())
+            try:
+                slot.future.result(timeout=remaining)
+            except Exception:  # noqa: BLE001 - a worker that failed or did not stop is killed below
+                if slot.pid is not None and not slot.future.done():
+                    log.warning("worker-kill slot=%d pid=%d reason=did not stop within %.1f s", slot.index, slot.pid, grace)
+                    kill_process_group(slot.pid)
+
+        for slot in self.slots:
+            if slot.executor is not None:
+                slot.executor.shutdown(wait=True, kill_workers=True)
+            if slot.connection is not None:
+                slot.connection.close()
+            slot.state = "closed"
+        self._by_connection.clear()
+
+
+def kill_process_group(pid: int) -> None:
+    """Kill a worker and the processes it started; workers lead their own process group."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def describe_exit(slot: _Slot) -> str:
+    """Describe how a slot's worker ended, with the exit code or signal when loky knows it."""
+    pid = f"pid {slot.pid}" if slot.pid is not None else "a worker that had not reported its pid"
+    code = _exit_code(slot)
+    if code is None:
+        return f"worker ({pid}) exited"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"worker ({pid}) was killed by {name}"
+    return f"worker ({pid}) exited with code {code}"
+
+
+def _exit_code(slot: _Slot) -> int | None:
+    # loky keeps the worker's process object on the executor; its exit code
+    # is the only place the signal that killed the worker is recorded.
+    processes = getattr(slot.executor, "_processes", None) or {}
+    for process in list(processes.values()):
+        process.join(timeout=1.0)
+        if process.exitcode is not None:
+            return process.exitcode
+    return None
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()

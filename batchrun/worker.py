@@ -1,0 +1,293 @@
+"""Code that runs inside worker processes.
+
+A worker is a long-lived loop fed through its own pipe by the supervisor. It
+receives batches of attempts, runs them one at a time, and reports each start
+and end. The supervisor learns that an attempt runs only from this loop's own
+notice, so its count of running attempts is the workers' ground truth.
+
+Messages from the supervisor are lists of :data:`Submission` tuples, or
+``None`` to stop. Messages to the supervisor are lists of event tuples; the
+first field of each names the event:
+
+- ``(BEGAN, attempt_id, monotonic_time, wall_time)``
+- ``(ENDED, attempt_id, monotonic_time, True, result_pickle)``
+- ``(ENDED, attempt_id, monotonic_time, False, error_fields)``
+- ``(SKIPPED, attempt_id)`` for an attempt not started because the run is stopping
+- ``(HELLO, pid)`` once, when the loop starts
+
+The end of one attempt travels in the same message as the start of the next,
+so a busy worker sends one message per attempt. This module never imports
+plugins: hooks fire only in the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from multiprocessing.connection import Connection
+
+
+HELLO = "hello"
+BEGAN = "began"
+ENDED = "ended"
+SKIPPED = "skipped"
+
+#: One attempt as the supervisor sends it:
+#: (attempt_id, task_id, number, max_attempts, call, args, kwargs, timeout).
+Submission = tuple
+
+#: Seconds between checks that the supervisor is still alive while idle.
+PARENT_CHECK_INTERVAL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptContext:
+    """The attempt a worker is running, as seen from inside the task."""
+
+    #: Id of the task.
+    task_id: str
+    #: Attempt number, starting at 1.
+    number: int
+    #: Total number of attempts the task may make.
+    max_attempts: int
+
+
+_current: AttemptContext | None = None
+
+
+def current_attempt() -> AttemptContext | None:
+    """Return the attempt running in this process, or ``None`` outside a worker."""
+    return _current
+
+
+class AttemptTimeoutError(TimeoutError):
+    """Raised inside a task when its attempt runs past its timeout."""
+
+
+# -- process setup --------------------------------------------------------------
+
+_connection: Connection | None = None
+_stop_signal: Connection | None = None
+
+
+def initialize(connection: Connection, stop_signal: Connection, import_paths: list[str], log_level: int) -> None:
+    """Prepare a fresh worker process; loky calls this once at process start.
+
+    :param connection: this worker's end of its pipe to the supervisor.
+    :param stop_signal: a pipe that turns readable when no new attempt may start.
+    :param import_paths: folders to put at the front of ``sys.path``.
+    :param log_level: level for the worker's own log records, written to stderr.
+    """
+    global _connection, _stop_signal
+    _connection = connection
+    _stop_signal = stop_signal
+
+    # A process group of its own lets the supervisor stop the worker together
+    # with any child the task started, and keeps a terminal's Ctrl-C away from
+    # workers so the supervisor alone decides how the run stops.
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    for path in reversed(import_paths):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [pid %(process)d] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(log_level)
+
+
+def serve() -> None:
+    """Run attempts from the supervisor's pipe until told to stop; loky runs this as one long call."""
+    if _connection is None:
+        raise RuntimeError("batchrun.worker.serve() runs only in a worker prepared by initialize()")
+    _WorkerLoop(_connection, _stop_signal).run()
+
+
+# -- the loop --------------------------------------------------------------------
+
+
+class _WorkerLoop:
+    def __init__(self, connection: Connection, stop_signal: Connection | None) -> None:
+        self.connection = connection
+        self.stop_signal = stop_signal
+        self.parent_pid = os.getppid()
+        self.pending: deque[Submission] = deque()
+        self.outbox: list[tuple] = []
+        self.functions: dict[str, Callable[..., Any]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self) -> None:
+        self.connection.send([(HELLO, os.getpid())])
+        while True:
+            if not self.pending:
+                self.flush()
+                batch = self.receive()
+                if batch is None:
+                    return
+                self.pending.extend(batch)
+                continue
+
+            submission = self.pending.popleft()
+            if self.is_stopping():
+                self.outbox.append((SKIPPED, submission[0]))
+                continue
+            self.run_attempt(submission)
+
+    def is_stopping(self) -> bool:
+        return self.stop_signal is not None and self.stop_signal.poll()
+
+    def flush(self) -> None:
+        if self.outbox:
+            self.send(self.outbox)
+            self.outbox = []
+
+    def receive(self) -> list[Submission] | None:
+        """Wait for the next batch, giving up when the supervisor has died."""
+        while not self.connection.poll(PARENT_CHECK_INTERVAL):
+            if os.getppid() != self.parent_pid:
+                return None
+        try:
+            return self.connection.recv()
+        except EOFError:
+            return None
+
+    def send(self, events: list[tuple]) -> None:
+        try:
+            self.connection.send(events)
+        except (BrokenPipeError, EOFError):
+            # The supervisor is gone; nothing can report to it any more.
+            os._exit(0)
+
+    def run_attempt(self, submission: Submission) -> None:
+        global _current
+        attempt_id, task_id, number, max_attempts, call, args, kwargs, timeout = submission
+
+        # The start notice goes out before the call, so the supervisor counts
+        # the attempt as running and starts its clock from the worker's time.
+        self.outbox.append((BEGAN, attempt_id, time.monotonic(), time.time()))
+        self.flush()
+
+        _current = AttemptContext(task_id, number, max_attempts)
+        timer = _SoftTimer(timeout)
+        started = time.monotonic()
+        try:
+            function = self.resolve(call)
+            with timer:
+                result = function(*args, **kwargs)
+            if inspect.isawaitable(result):
+                remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+                result = self.await_result(result, remaining, timeout)
+        except BaseException as error:  # noqa: BLE001 - every failure of a task is reported, never raised here
+            kind = "timeout" if timer.fired or isinstance(error, AttemptTimeoutError) else "exception"
+            self.outbox.append((ENDED, attempt_id, time.monotonic(), False, describe_error(error, kind)))
+        else:
+            ended = time.monotonic()
+            try:
+                payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as error:  # noqa: BLE001 - pickling can raise almost anything
+                message = f"the result of type {_type_name(type(result))!r} cannot be pickled: {error}"
+                self.outbox.append((ENDED, attempt_id, ended, False, ("payload", "PicklingError", message, "", ())))
+            else:
+                self.outbox.append((ENDED, attempt_id, ended, True, payload))
+        finally:
+            _current = None
+
+    def resolve(self, call: str) -> Callable[..., Any]:
+        function = self.functions.get(call)
+        if function is None:
+            module_name, _, attribute = call.partition(":")
+            function = getattr(importlib.import_module(module_name), attribute)
+            self.functions[call] = function
+        return function
+
+    def await_result(self, awaitable: Any, remaining: float | None, timeout: float | None) -> Any:
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        future = asyncio.ensure_future(awaitable, loop=self.loop)
+        if remaining is None:
+            return self.loop.run_until_complete(future)
+
+        # Cancellation first, so the task's own cleanup runs before any hard kill.
+        try:
+            return self.loop.run_until_complete(asyncio.wait_for(future, remaining))
+        except asyncio.TimeoutError:
+            if not future.cancelled():
+                raise  # the task raised TimeoutError itself
+            raise AttemptTimeoutError(f"attempt ran past its timeout of {timeout:g} s") from None
+
+
+class _SoftTimer:
+    """Raise :class:`AttemptTimeoutError` in the task's thread when the attempt runs too long.
+
+    A signal timer interrupts Python code only; a task stuck in C code is
+    stopped by the supervisor's hard kill after the grace period.
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.fired = False
+
+    def __enter__(self) -> _SoftTimer:
+        if self.timeout is not None:
+            signal.signal(signal.SIGALRM, self.on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.timeout is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def on_alarm(self, signum: int, frame: object) -> None:
+        self.fired = True
+        raise AttemptTimeoutError(f"attempt ran past its timeout of {self.timeout:g} s")
+
+
+# -- payloads --------------------------------------------------------------------
+
+
+def describe_error(error: BaseException, kind: str) -> tuple[str, str, str, str, tuple[str, ...]]:
+    """Turn an exception into plain text fields that need no unpickling."""
+    try:
+        message = str(error)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the failure
+        message = f"<{type(error).__name__} with an unprintable message>"
+    formatted = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return (kind, type(error).__name__, message, formatted, _type_names(type(error)))
+
+
+def _type_names(error_type: type) -> tuple[str, ...]:
+    names: list[str] = []
+    for klass in error_type.__mro__:
+        if klass is object:
+            break
+        names.append(klass.__name__)
+        if klass.__module__ != "builtins":
+            names.append(_type_name(klass))
+    return tuple(names)
+
+
+def _type_name(klass: type) -> str:
+    if klass.__module__ == "builtins":
+        return klass.__qualname__
+    return f"{klass.__module__}.{klass.__qualname__}"

@@ -1,0 +1,1 @@
+"""Tests of batchrun; a package so workers can import ``tests.probe``."""
