@@ -85,7 +85,7 @@ class Problem:
 
     #: The key named in the message.
     key: KeyPath
-    #: What is wrong and what is expected, as one clause.
+    #: The problem and the expected value, as one clause.
     text: str
     #: The key path used to sort the problem and to find its line; defaults to ``key``.
     at: KeyPath | None = None

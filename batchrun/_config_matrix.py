@@ -36,7 +36,7 @@ class TemplateError(ValueError):
         super().__init__(text)
         #: The key whose template failed.
         self.key = key
-        #: What failed, as one clause.
+        #: The failure, as one clause.
         self.text = text
 
 
@@ -97,8 +97,8 @@ def _check_string(problems: Problems, text: str, key: KeyPath, names: list[str])
             example = "{" + names[0] + "}"
             problems.add(key, f"template {text!r} has a positional field; name a matrix key, such as {example!r}")
         elif name not in names:
-            known = ", ".join(repr(known) for known in names)
-            problems.add(key, f"template {text!r} refers to unknown matrix key {name!r}; matrix keys are {known}")
+            listed = ", ".join(repr(known) for known in names)
+            problems.add(key, f"template {text!r} refers to unknown matrix key {name!r}; matrix keys are {listed}")
 
 
 def _check_value(problems: Problems, value: Any, key: KeyPath, names: list[str]) -> None:

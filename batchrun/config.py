@@ -457,6 +457,8 @@ def _read_task_table(problems: Problems, item: Any, path: KeyPath, context: _Tas
         args, kwargs = arguments
         return [Task(task_id, call, tuple(args), MappingProxyType(dict(kwargs)), timeout, retry)]
 
+    # NOTE: the whole matrix is expanded here, at load time, so that duplicate
+    # ids are found before the run. Memory grows with the number of combinations.
     try:
         expanded = list(expand_matrix(matrix, task_id, arguments[0], arguments[1], path))
     except TemplateError as exc:

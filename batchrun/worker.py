@@ -30,6 +30,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -79,6 +80,14 @@ class AttemptTimeoutError(TimeoutError):
     """Raised inside a task when its attempt runs past its timeout."""
 
 
+class AttemptCancelledError(BaseException):
+    """Raised inside a task when the run stops it; ``finally`` blocks still run.
+
+    It derives from BaseException, like KeyboardInterrupt, so that a task's
+    ``except Exception`` does not swallow the stop.
+    """
+
+
 # -- process setup --------------------------------------------------------------
 
 _connection: Connection | None = None
@@ -105,6 +114,8 @@ def initialize(connection: Connection, stop_signal: Connection, import_paths: li
     except OSError:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(CANCEL_SIGNAL, _on_cancel_signal)
+    _watch_parent(os.getppid())
 
     for path in reversed(import_paths):
         if path not in sys.path:
@@ -115,6 +126,37 @@ def initialize(connection: Connection, stop_signal: Connection, import_paths: li
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(log_level)
+
+
+#: The signal the supervisor sends to stop the running attempt softly.
+CANCEL_SIGNAL = signal.SIGUSR1
+
+#: The attempt's cancellation hook while a task runs, or ``None`` between attempts.
+_cancel_running: Callable[[], None] | None = None
+
+
+def _on_cancel_signal(signum: int, frame: object) -> None:
+    if _cancel_running is not None:
+        _cancel_running()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Kill this worker's process group soon after the supervisor dies.
+
+    A task may run for hours without returning to the loop, so the check runs
+    in its own thread rather than between attempts.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_INTERVAL)
+            if os.getppid() != parent_pid:
+                try:
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                finally:
+                    os._exit(1)
+
+    threading.Thread(target=watch, name="batchrun-parent-watch", daemon=True).start()
 
 
 def serve() -> None:
@@ -185,28 +227,26 @@ class _WorkerLoop:
 
         # The start notice goes out before the call, so the supervisor counts
         # the attempt as running and starts its clock from the worker's time.
-        self.outbox.append((BEGAN, attempt_id, time.monotonic(), time.time()))
+        started = time.monotonic()
+        self.outbox.append((BEGAN, attempt_id, started, time.time()))
         self.flush()
 
         _current = AttemptContext(task_id, number, max_attempts)
-        timer = _SoftTimer(timeout)
-        started = time.monotonic()
+        stop = _AttemptStop(timeout)
         try:
             function = self.resolve(call)
-            with timer:
+            with stop:
                 result = function(*args, **kwargs)
-            if inspect.isawaitable(result):
-                remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-                result = self.await_result(result, remaining, timeout)
+                if inspect.isawaitable(result):
+                    result = self.await_result(result, stop)
         except BaseException as error:  # noqa: BLE001 - every failure of a task is reported, never raised here
-            kind = "timeout" if timer.fired or isinstance(error, AttemptTimeoutError) else "exception"
-            self.outbox.append((ENDED, attempt_id, time.monotonic(), False, describe_error(error, kind)))
+            self.outbox.append((ENDED, attempt_id, time.monotonic(), False, describe_error(error, stop.kind(error))))
         else:
             ended = time.monotonic()
             try:
                 payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as error:  # noqa: BLE001 - pickling can raise almost anything
-                message = f"the result of type {_type_name(type(result))!r} cannot be pickled: {error}"
+                message = f"the result of type {_type_name(type(result))!r} cannot be pickled: {type(error).__name__}: {error}"
                 self.outbox.append((ENDED, attempt_id, ended, False, ("payload", "PicklingError", message, "", ())))
             else:
                 self.outbox.append((ENDED, attempt_id, ended, True, payload))
@@ -221,46 +261,84 @@ class _WorkerLoop:
             self.functions[call] = function
         return function
 
-    def await_result(self, awaitable: Any, remaining: float | None, timeout: float | None) -> Any:
+    def await_result(self, awaitable: Any, stop: _AttemptStop) -> Any:
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
         future = asyncio.ensure_future(awaitable, loop=self.loop)
-        if remaining is None:
-            return self.loop.run_until_complete(future)
-
-        # Cancellation first, so the task's own cleanup runs before any hard kill.
+        # Cancellation first, so the task's own cleanup runs before any hard
+        # kill: the timer and the stop signal cancel the future instead of
+        # raising into the event loop.
+        stop.use_loop(self.loop, future)
         try:
-            return self.loop.run_until_complete(asyncio.wait_for(future, remaining))
-        except asyncio.TimeoutError:
-            if not future.cancelled():
-                raise  # the task raised TimeoutError itself
-            raise AttemptTimeoutError(f"attempt ran past its timeout of {timeout:g} s") from None
+            return self.loop.run_until_complete(future)
+        except asyncio.CancelledError:
+            if stop.timed_out:
+                raise AttemptTimeoutError(f"attempt ran past its timeout of {stop.timeout:g} s") from None
+            if stop.cancelled:
+                raise AttemptCancelledError("the run stopped this attempt") from None
+            raise
 
 
-class _SoftTimer:
-    """Raise :class:`AttemptTimeoutError` in the task's thread when the attempt runs too long.
+class _AttemptStop:
+    """The soft ways an attempt is stopped: its timeout, and the supervisor's cancel signal.
 
-    A signal timer interrupts Python code only; a task stuck in C code is
-    stopped by the supervisor's hard kill after the grace period.
+    For a sync task both raise an exception in the task's thread; for an async
+    task both cancel its future. A signal timer interrupts Python code only, so
+    a task stuck in C code is stopped by the supervisor's hard kill after the
+    grace period.
     """
 
     def __init__(self, timeout: float | None) -> None:
         self.timeout = timeout
-        self.fired = False
+        self.timed_out = False
+        self.cancelled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.future: asyncio.Future | None = None
 
-    def __enter__(self) -> _SoftTimer:
+    def __enter__(self) -> _AttemptStop:
+        global _cancel_running
+        _cancel_running = self.on_cancel
         if self.timeout is not None:
             signal.signal(signal.SIGALRM, self.on_alarm)
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        global _cancel_running
         if self.timeout is not None:
             signal.setitimer(signal.ITIMER_REAL, 0)
+        _cancel_running = None
+
+    def use_loop(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        self.loop = loop
+        self.future = future
 
     def on_alarm(self, signum: int, frame: object) -> None:
-        self.fired = True
+        self.timed_out = True
+        if self.cancel_future():
+            return
         raise AttemptTimeoutError(f"attempt ran past its timeout of {self.timeout:g} s")
+
+    def on_cancel(self) -> None:
+        self.cancelled = True
+        if self.cancel_future():
+            return
+        raise AttemptCancelledError("the run stopped this attempt")
+
+    def cancel_future(self) -> bool:
+        if self.future is None or self.loop is None:
+            return False
+        # The thread-safe call also wakes the event loop from its wait.
+        self.loop.call_soon_threadsafe(self.future.cancel)
+        return True
+
+    def kind(self, error: BaseException) -> str:
+        """Return the failure kind of an attempt that ended with ``error``."""
+        if self.cancelled or isinstance(error, AttemptCancelledError):
+            return "cancelled"
+        if self.timed_out or isinstance(error, AttemptTimeoutError):
+            return "timeout"
+        return "exception"
 
 
 # -- payloads --------------------------------------------------------------------
