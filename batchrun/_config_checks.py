@@ -304,6 +304,27 @@ def exception_names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+FAILURE_KINDS_WITH_LIMITS = ("exception", "crash", "timeout", "payload")
+
+
+def failure_limits(value: Any) -> tuple[tuple[str, int], ...]:
+    """Check ``max_failures``: a table from failure kind to a whole number of failures >= 1."""
+    if not isinstance(value, Mapping):
+        _fail("a table such as { timeout = 2, crash = 1 }", value)
+    limits = []
+    for kind, limit in value.items():
+        if kind not in FAILURE_KINDS_WITH_LIMITS:
+            close = difflib.get_close_matches(str(kind), FAILURE_KINDS_WITH_LIMITS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise InvalidValue(
+                f"unknown failure kind {show(kind)}; expected one of {', '.join(FAILURE_KINDS_WITH_LIMITS)}{hint}"
+            )
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidValue(f"expected a whole number of failures >= 1 for {kind!r}, got {show(limit)}")
+        limits.append((kind, limit))
+    return tuple(sorted(limits))
+
+
 def table(value: Any, expected: str = "a table") -> Mapping[str, Any]:
     """Check a table (a mapping with string keys)."""
     if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):

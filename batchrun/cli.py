@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="ceiling on attempts running at once (overrides [run] max_concurrent)")
     run.add_argument("--max-attempts", type=_positive_int, metavar="N", help="total attempts per task, the first included (overrides every max_attempts)")
     run.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE", help="load a hook plugin by module path or entry-point name; repeatable")
+    run.add_argument("--deadline", type=_positive_float, metavar="SECONDS", help="stop the run after this many seconds: unfinished tasks end as cancelled and the exit code is 3 (overrides [run] deadline)")
     run.add_argument("--grace", type=_non_negative_float, default=10.0, metavar="SECONDS", help="seconds running attempts get to finish after SIGINT or SIGTERM (default: 10)")
     verbosity = run.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="count", default=0, help="log every event (-vv adds debug details and worker logs)")
@@ -86,6 +88,8 @@ def _run(arguments: argparse.Namespace) -> int:
             max_attempts=arguments.max_attempts,
             extra_plugins=arguments.plugin,
         )
+        if arguments.deadline is not None:
+            config = dataclasses.replace(config, run=dataclasses.replace(config.run, deadline=arguments.deadline))
         summary = run_batch(config, story_mode=story_mode, grace=arguments.grace, worker_log_level=worker_log_level)
     except (ConfigError, PluginError, UsageError) as error:
         print(f"batchrun: error: {error}", file=sys.stderr)
@@ -100,6 +104,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
 
 

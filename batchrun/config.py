@@ -41,7 +41,7 @@ __all__ = [
 
 TOP_KEYS = ("run", "retry", "tasks", "sources", "plugins")
 RUN_KEYS = ("name", "max_concurrent", "timeout", "timeout_grace", "deadline", "plugins")
-RETRY_KEYS = ("policy", "max_attempts", "delay", "max_delay", "jitter", "seed", "retry_on")
+RETRY_KEYS = ("policy", "max_attempts", "delay", "max_delay", "jitter", "seed", "retry_on", "max_failures")
 TASK_KEYS = ("id", "call", "args", "kwargs", "matrix", "timeout", *RETRY_KEYS)
 SOURCE_KEYS = ("call", "args", "kwargs")
 
@@ -54,6 +54,7 @@ _RETRY_CHECKS: Mapping[str, Callable[[Any], Any]] = MappingProxyType(
         "jitter": checks.boolean,
         "seed": checks.integer,
         "retry_on": checks.exception_names,
+        "max_failures": checks.failure_limits,
     }
 )
 

@@ -47,8 +47,21 @@ class RetrySettings:
     jitter: bool = True
     #: Seed that makes jittered delays a pure function of (seed, task id, attempt number).
     seed: int | None = None
-    #: Exception type names to retry on; ``None`` retries any failure.
+    #: Exception type names to retry on; ``None`` retries any raised exception.
+    #: It applies to raised exceptions only: crashes, timeouts and payload
+    #: errors are governed by ``max_failures``.
     retry_on: tuple[str, ...] | None = None
+    #: ``(kind, limit)`` pairs: the task stops retrying once this many of its
+    #: attempts failed with that kind ("exception", "crash", "timeout" or
+    #: "payload"). Kinds not listed are limited by ``max_attempts`` alone.
+    max_failures: tuple[tuple[str, int], ...] = ()
+
+    def failure_limit(self, kind: str) -> int | None:
+        """Return the most failures of ``kind`` the task may have before it stops, or ``None``."""
+        for limited_kind, limit in self.max_failures:
+            if limited_kind == kind:
+                return limit
+        return None
 
 
 @dataclass(frozen=True, slots=True)

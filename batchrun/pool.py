@@ -80,6 +80,10 @@ class Backend(ABC):
         """Tell every worker to start no further attempt; queued ones come back as skipped."""
 
     @abstractmethod
+    def cancel(self, slot: int) -> None:
+        """Ask a slot's worker to stop its running attempt softly, raising inside the task."""
+
+    @abstractmethod
     def kill(self, slot: int, reason: str) -> None:
         """Kill a slot's worker and every process it started, logging ``reason``."""
 
@@ -109,6 +113,8 @@ class _Slot:
         self.future: Any = None
         self.connection: Connection | None = None
         self.pid: int | None = None
+        #: loky's process object of the worker, which records its exit code.
+        self.process: Any = None
         #: "starting", "ready", "lost" (waiting to be reaped), "reaped" or "closed".
         self.state = "closed"
         self.lost_reason = ""
@@ -157,6 +163,7 @@ class LokyBackend(Backend):
         child_end.close()
         slot.executor = executor
         slot.future = future
+        slot.process = _worker_process(executor)
         slot.connection = parent_end
         slot.pid = None
         slot.state = "starting"
@@ -265,6 +272,15 @@ class LokyBackend(Backend):
         if not self._stop_writer.closed:
             self._stop_writer.close()
 
+    def cancel(self, slot: int) -> None:
+        pid = self.slots[slot].pid
+        if pid is None:
+            return
+        try:
+            os.kill(pid, worker.CANCEL_SIGNAL)
+        except ProcessLookupError:
+            pass
+
     def kill(self, slot: int, reason: str) -> None:
         target = self.slots[slot]
         if target.pid is None:
@@ -329,15 +345,22 @@ def describe_exit(slot: _Slot) -> str:
     return f"worker ({pid}) exited with code {code}"
 
 
-def _exit_code(slot: _Slot) -> int | None:
-    # loky keeps the worker's process object on the executor; its exit code
-    # is the only place the signal that killed the worker is recorded.
-    processes = getattr(slot.executor, "_processes", None) or {}
+def _worker_process(executor: Any) -> Any:
+    # loky keeps its worker processes in a private mapping; the process
+    # object is the only place that records the signal that killed a worker.
+    # submit() has started the single worker, so the mapping holds it now.
+    processes = getattr(executor, "_processes", None) or {}
     for process in list(processes.values()):
-        process.join(timeout=1.0)
-        if process.exitcode is not None:
-            return process.exitcode
+        return process
     return None
+
+
+def _exit_code(slot: _Slot) -> int | None:
+    process = slot.process
+    if process is None:
+        return None
+    process.join(timeout=1.0)
+    return process.exitcode
 
 
 def _monotonic() -> float:

@@ -25,20 +25,28 @@ def build_plugin_manager(config: BatchConfig, *, story_mode: StoryMode = "auto")
     """Create the plugin manager for a run: built-ins, entry points, then the config's plugins."""
     builtins = [(name, StoryLog(story_mode) if name == "story" else plugin) for name, plugin in default_builtins()]
     path = str(config.path) if config.path else None
-    manager = create_plugin_manager(config.run.plugins, builtins=builtins, config_path=path)
-    check_policy_names(config, Hooks(manager).retry_policy_names())
-    return manager
+    return create_plugin_manager(config.run.plugins, builtins=builtins, config_path=path)
 
 
 def check_policy_names(config: BatchConfig, known: set[str]) -> None:
-    """Raise ConfigError when ``[retry] policy`` names no registered policy."""
-    policy = config.retry.policy
-    if policy in known:
-        return
+    """Raise ConfigError when ``[retry] policy`` or a task's ``policy`` names no registered policy."""
     where = f"{config.path}: " if config.path else ""
+    problems = []
+    if config.retry.policy not in known:
+        problems.append(f"{where}[retry].policy: {_unknown_policy_text(config.retry.policy, known)}")
+    for task in config.tasks:
+        if task.retry.policy not in known and task.retry.policy != config.retry.policy:
+            problems.append(f"{where}task {task.id!r}: policy: {_unknown_policy_text(task.retry.policy, known)}")
+            if len(problems) >= 20:
+                break
+    if problems:
+        raise ConfigError("\n".join(problems), path=str(config.path) if config.path else None, problems=problems)
+
+
+def _unknown_policy_text(policy: str, known: set[str]) -> str:
     close = difflib.get_close_matches(policy, sorted(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known policies: {', '.join(sorted(known))}"
-    raise ConfigError(f"{where}retry.policy: unknown retry policy {policy!r}{hint}", path=where.rstrip(": ") or None)
+    hint = f"did you mean {close[0]!r}?" if close else f"known policies: {', '.join(sorted(known))}"
+    return f"unknown retry policy {policy!r}; {hint} A plugin that registers a policy must be listed in [run].plugins"
 
 
 def run_batch(
@@ -60,10 +68,12 @@ def run_batch(
     if manager is None:
         manager = build_plugin_manager(config, story_mode=story_mode)
     hooks = Hooks(manager)
+    policy_names = hooks.retry_policy_names()
+    check_policy_names(config, policy_names)
     backend = LokyBackend(
         config.run.max_concurrent,
         import_paths=config.import_paths(),
         worker_log_level=worker_log_level,
     )
-    supervisor = Supervisor(config, hooks, backend, grace=grace)
+    supervisor = Supervisor(config, hooks, backend, grace=grace, policy_names=policy_names)
     return supervisor.run()

@@ -84,6 +84,8 @@ class _TaskRecord:
     attempts: int = 0
     last_error: ErrorInfo | None = None
     last_duration: float = 0.0
+    #: Number of failed attempts by failure kind.
+    failures: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -104,6 +106,8 @@ class _SlotState:
     #: Why the supervisor killed this slot's worker, and the failure kind it means.
     kill_kind: str | None = None
     kill_reason: str = ""
+    #: The attempt the kill was meant for; the worker may have moved on to the next one.
+    kill_attempt: int | None = None
     failed_starts: int = 0
 
 
@@ -118,6 +122,7 @@ class Supervisor:
         *,
         clock: Callable[[], float] = time.monotonic,
         grace: float = 10.0,
+        policy_names: set[str] | None = None,
     ) -> None:
         self.config = config
         self.hooks = hooks
@@ -125,6 +130,8 @@ class Supervisor:
         self.clock = clock
         #: Seconds running attempts get to finish after a first stop signal.
         self.grace = grace
+        #: Names of the registered retry policies; a task naming another is invalid.
+        self.policy_names = policy_names
 
         self.tasks: Iterator[Task] = iter(())
         self.source_exhausted = False
@@ -145,6 +152,8 @@ class Supervisor:
         self.lost_slots = 0
 
         self.stop_reason: str | None = None
+        #: When running attempts get the cancel signal, then the kill, during a stop.
+        self.stop_cancel_at: float | None = None
         self.stop_kill_at: float | None = None
         self.pending_signals: list[int] = []
         self.fatal_error: BaseException | None = None
@@ -196,16 +205,15 @@ class Supervisor:
             self._handle_signals()
             now = self.clock()
             if deadline is not None and now >= deadline and self.stop_reason is None:
-                self.begin_stop("deadline", kill_after=self.config.run.timeout_grace)
+                self.begin_stop("deadline", cancel_after=0.0)
             self._promote_due_retries(now)
             self._enforce_kill_deadlines(now)
             if self.lost_slots:
                 self._restart_slots()
             if self.stop_reason is None:
                 self.submit_ready_attempts()
-            elif self.stop_kill_at is not None and now >= self.stop_kill_at:
-                self._kill_running("cancelled", "the run is stopping and its grace period passed")
-                self.stop_kill_at = None
+            else:
+                self._advance_stop(now)
 
             if self._is_finished():
                 return
@@ -229,6 +237,8 @@ class Supervisor:
             candidates.append(self.kill_deadlines[0][0])
         if deadline is not None and self.stop_reason is None:
             candidates.append(deadline)
+        if self.stop_cancel_at is not None:
+            candidates.append(self.stop_cancel_at)
         if self.stop_kill_at is not None:
             candidates.append(self.stop_kill_at)
         if self.lost_slots:
@@ -274,12 +284,19 @@ class Supervisor:
         except StopIteration:
             self.source_exhausted = True
             return None
-        except ConfigError as error:
-            # A task source produced an invalid table: stop taking tasks, let
-            # the started ones finish, and report the error at the end.
+        except Exception as error:  # noqa: BLE001 - a source is user code and may raise anything
+            # Stop taking tasks, let the started ones finish, and report the
+            # error at the end: finished work is kept.
+            if not isinstance(error, ConfigError):
+                error = ConfigError(f"a task source raised {type(error).__name__}: {error}")
             self.source_exhausted = True
             self.fatal_error = error
-            self.begin_stop("invalid task source", kill_after=None)
+            self.begin_stop("invalid task source", cancel_after=None)
+            return None
+        if self.policy_names is not None and task.retry.policy not in self.policy_names:
+            self.source_exhausted = True
+            self.fatal_error = ConfigError(f"task {task.id!r}: unknown retry policy {task.retry.policy!r}")
+            self.begin_stop("invalid task source", cancel_after=None)
             return None
         return _TaskRecord(task, tuple(task.args), dict(task.kwargs))
 
@@ -428,19 +445,28 @@ class Supervisor:
             if attempt_id != running_id or flight.attempt is None:
                 self._return_unstarted(flight.record)
                 continue
-            self.fail_attempt(flight, self._lost_attempt_error(slot, flight, how))
+            self.fail_attempt(flight, self._lost_attempt_error(slot, attempt_id, flight, how))
         slot.kill_kind = None
         slot.kill_reason = ""
+        slot.kill_attempt = None
 
-    def _lost_attempt_error(self, slot: _SlotState, flight: _InFlight, how: str) -> ErrorInfo:
+    def _lost_attempt_error(self, slot: _SlotState, attempt_id: int, flight: _InFlight, how: str) -> ErrorInfo:
         task_id = flight.record.task.id
         where = f"task {task_id!r} (attempt {flight.number} of {flight.record.task.retry.max_attempts})"
+        if slot.kill_attempt is not None and slot.kill_attempt != attempt_id:
+            # The worker finished the attempt the kill was meant for and had
+            # just started this one: a rare race at the end of a grace period.
+            message = f"{how} while running {where}: the kill was meant for the worker's previous attempt, which {slot.kill_reason}"
+            return ErrorInfo("crash", "WorkerCrashedError", message, "", CRASH_ERROR)
         if slot.kill_kind == "timeout":
             message = f"{where} {slot.kill_reason}; {how}"
             return ErrorInfo("timeout", "AttemptTimeoutError", message, "", TIMEOUT_ERROR)
         if slot.kill_kind == "cancelled":
             return ErrorInfo("cancelled", "CancelledError", f"{where} was stopped: {slot.kill_reason}", "", ("CancelledError",))
-        return ErrorInfo("crash", "WorkerCrashedError", f"{how} while running {where}", "", CRASH_ERROR)
+        message = f"{how} while running {where}"
+        if how.endswith("SIGKILL"):
+            message += "; nothing in batchrun sent that signal, and the kernel's out-of-memory killer is the usual cause, so check memory use or lower [run] max_concurrent"
+        return ErrorInfo("crash", "WorkerCrashedError", message, "", CRASH_ERROR)
 
     def _enforce_kill_deadlines(self, now: float) -> None:
         while self.kill_deadlines and self.kill_deadlines[0][0] <= now:
@@ -455,13 +481,14 @@ class Supervisor:
 
     def _kill_running(self, kind: str, reason: str) -> None:
         for index, slot in enumerate(self.slots):
-            if slot.running is not None and slot.kill_kind is None:
+            if slot.running is not None:
                 self._kill_slot(index, kind, reason)
 
     def _kill_slot(self, slot_index: int, kind: str, reason: str) -> None:
         slot = self.slots[slot_index]
         slot.kill_kind = kind
         slot.kill_reason = reason
+        slot.kill_attempt = slot.running
         self.backend.kill(slot_index, reason)
 
     def _restart_slots(self) -> None:
@@ -481,7 +508,8 @@ class Supervisor:
         if self.fatal_error is None:
             self.fatal_error = error
         if self.stop_reason is None:
-            self.begin_stop("pool broken", kill_after=0.0)
+            self.begin_stop("pool broken", cancel_after=None)
+            self.stop_now()
 
     # -- retries and terminal states ----------------------------------------------------
 
@@ -510,12 +538,22 @@ class Supervisor:
             heapq.heappush(self.delayed, (self.clock() + delay, next(self.sequence), record))
 
     def _retry_delay(self, record: _TaskRecord, attempt: Attempt, error: ErrorInfo) -> float | None:
+        """Return the delay before the next attempt, or ``None`` when the task must stop.
+
+        Crashes and timeouts count against ``max_attempts`` like any failure,
+        so a task that keeps killing its worker stops.
+        """
         settings = record.task.retry
-        if error.kind == "cancelled":
+        kind = error.kind
+        record.failures[kind] = record.failures.get(kind, 0) + 1
+        if kind == "cancelled":
             return None
         if attempt.number >= settings.max_attempts:
             return None
-        if settings.retry_on is not None and not error.matches(settings.retry_on):
+        limit = settings.failure_limit(kind)
+        if limit is not None and record.failures[kind] >= limit:
+            return None
+        if kind == "exception" and settings.retry_on is not None and not error.matches(settings.retry_on):
             return None
         return self.hooks.retry_delay(record.task, attempt, error)
 
@@ -535,13 +573,37 @@ class Supervisor:
 
     # -- stopping -----------------------------------------------------------------------
 
-    def begin_stop(self, reason: str, *, kill_after: float | None) -> None:
-        """Start nothing new; kill running attempts after ``kill_after`` seconds, or let them finish."""
+    def begin_stop(self, reason: str, *, cancel_after: float | None) -> None:
+        """Start nothing new, and stop running attempts after ``cancel_after`` seconds.
+
+        Stopping an attempt is soft first: the worker raises
+        AttemptCancelledError inside the task so its ``finally`` blocks run.
+        An attempt still running ``timeout_grace`` seconds later is killed
+        with its worker. With ``cancel_after=None`` running attempts finish.
+        """
         self.stop_reason = reason
         self.backend.stop_starting()
         log.warning("run-stopping reason=%s running=%d", reason, self.running)
-        if kill_after is not None:
-            self.stop_kill_at = self.clock() + kill_after
+        if cancel_after is not None:
+            self.stop_cancel_at = self.clock() + cancel_after
+
+    def stop_now(self) -> None:
+        """Kill every running attempt at once."""
+        self.stop_cancel_at = None
+        self.stop_kill_at = self.clock()
+
+    def _advance_stop(self, now: float) -> None:
+        if self.stop_cancel_at is not None and now >= self.stop_cancel_at:
+            self.stop_cancel_at = None
+            self.stop_kill_at = now + self.config.run.timeout_grace
+            for index, slot in enumerate(self.slots):
+                if slot.running is not None:
+                    slot.kill_kind = "cancelled"
+                    slot.kill_reason = "the run is stopping"
+                    self.backend.cancel(index)
+        if self.stop_kill_at is not None and now >= self.stop_kill_at:
+            self.stop_kill_at = None
+            self._kill_running("cancelled", "the run is stopping and the attempt did not end in time")
 
     def _cancel_unstarted_tasks(self) -> None:
         cancelled = ErrorInfo("cancelled", "CancelledError", f"the run stopped ({self.stop_reason}) before the task finished", "", ("CancelledError",))
@@ -585,13 +647,18 @@ class Supervisor:
             signum = self.pending_signals.pop(0)
             name = signal.Signals(signum).name
             if self.stop_reason is None:
-                log.warning("signal-received signal=%s: finishing running attempts within %.1f s; send it again to stop at once", name, self.grace)
-                self.begin_stop(name, kill_after=self.grace)
+                log.warning(
+                    "signal-received signal=%s: starting nothing new; running attempts get %.1f s to finish."
+                    " Send it again to stop them at once",
+                    name,
+                    self.grace,
+                )
+                self.begin_stop(name, cancel_after=self.grace)
             else:
                 log.warning("signal-received signal=%s: stopping running attempts now", name)
-                self.stop_kill_at = self.clock()
                 if self.stop_reason not in ("SIGINT", "SIGTERM"):
                     self.stop_reason = name
+                self.stop_now()
 
 
 def _terminal_state(error: ErrorInfo) -> str:

@@ -86,7 +86,14 @@ def no_leftover_processes(request):
 
 
 def _is_alive(process: psutil.Process) -> bool:
+    """Return whether a child is a live process of a run, other than loky's resource tracker.
+
+    loky starts one resource tracker per parent process and keeps it for the
+    parent's lifetime, on purpose, so it is not a leftover of the test.
+    """
     try:
-        return process.status() != psutil.STATUS_ZOMBIE
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return "loky.backend.resource_tracker" not in " ".join(process.cmdline())
     except psutil.NoSuchProcess:
         return False

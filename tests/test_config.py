@@ -1061,7 +1061,7 @@ UNKNOWN_KEYS = [
     pytest.param(
         "[retry]\nwhatever = 3",
         "[retry]: unknown key 'whatever'; valid keys are 'policy', 'max_attempts', 'delay', 'max_delay', 'jitter',"
-        " 'seed', 'retry_on'",
+        " 'seed', 'retry_on', 'max_failures'",
         id="retry-unrelated",
     ),
 ]
@@ -1269,3 +1269,34 @@ def test_key_lines_inline_tasks_array():
     lines = KeyLines('tasks = [\n  { id = "a" },\n]\n')
 
     assert lines.line_of(("tasks", 0, "id")) == 1
+
+
+# -- failure limits -----------------------------------------------------------------------
+
+
+def test_max_failures_reads_limits_per_kind(write):
+    path = write('[retry]\nmax_failures = { timeout = 2, crash = 1 }\n' + TASK)
+
+    config = load_config(path)
+
+    assert config.retry.failure_limit("timeout") == 2
+    assert config.retry.failure_limit("crash") == 1
+    assert config.retry.failure_limit("exception") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("{ crahs = 1 }", "unknown failure kind 'crahs'; expected one of exception, crash, timeout, payload; did you mean 'crash'?"),
+        ("{ crash = 0 }", "expected a whole number of failures >= 1 for 'crash', got 0"),
+        ("{ crash = true }", "expected a whole number of failures >= 1 for 'crash', got True"),
+        ("3", "expected a table such as { timeout = 2, crash = 1 }, got 3"),
+    ],
+)
+def test_max_failures_rejects_invalid_limits(write, value, expected):
+    path = write(f"[retry]\nmax_failures = {value}\n" + TASK)
+
+    problem = single_problem(path)
+
+    assert "[retry].max_failures" in problem
+    assert problem.endswith(expected)

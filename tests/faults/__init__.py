@@ -1,0 +1,1 @@
+"""Fault-injection tests: one small test per way a task, worker or plugin can misbehave."""
