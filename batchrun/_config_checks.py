@@ -304,6 +304,15 @@ def exception_names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def journal_setting(value: Any) -> str | bool:
+    """Check ``journal``: a file path, or false to run without a journal."""
+    if value is False:
+        return False
+    if not isinstance(value, str) or not value.strip():
+        _fail("a journal file path, or false to run without a journal", value)
+    return value
+
+
 FAILURE_KINDS_WITH_LIMITS = ("exception", "crash", "timeout", "payload")
 
 

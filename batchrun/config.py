@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 TOP_KEYS = ("run", "retry", "tasks", "sources", "plugins")
-RUN_KEYS = ("name", "max_concurrent", "timeout", "timeout_grace", "deadline", "plugins")
+RUN_KEYS = ("name", "max_concurrent", "timeout", "timeout_grace", "deadline", "plugins", "journal", "max_result_bytes")
 RETRY_KEYS = ("policy", "max_attempts", "delay", "max_delay", "jitter", "seed", "retry_on", "max_failures")
 TASK_KEYS = ("id", "call", "args", "kwargs", "matrix", "timeout", *RETRY_KEYS)
 SOURCE_KEYS = ("call", "args", "kwargs")
@@ -81,6 +81,11 @@ class RunSettings:
     deadline: float | None = None
     #: Plugins to load, by module path or entry-point name: ``[run] plugins`` then ``-p``.
     plugins: tuple[str, ...] = ()
+    #: Path of the run journal, relative paths from the config file's folder;
+    #: ``None`` for the default ``.batchrun/<name>.sqlite``, ``False`` for no journal.
+    journal: str | bool | None = None
+    #: Largest result the journal stores as JSON or repr text, in bytes.
+    max_result_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +292,8 @@ def _read_run(
     timeout_grace = read_key(problems, section, path, "timeout_grace", checks.non_negative_seconds)
     deadline = read_key(problems, section, path, "deadline", checks.positive_seconds)
     plugins = read_key(problems, section, path, "plugins", checks.string_tuple) or ()
+    journal = read_key(problems, section, path, "journal", checks.journal_setting)
+    max_result_bytes = read_key(problems, section, path, "max_result_bytes", checks.positive_int)
 
     for index, plugin in enumerate(plugins):
         if plugin in plugins[:index]:
@@ -307,6 +314,8 @@ def _read_run(
         timeout_grace=timeout_grace if timeout_grace is not None else 3.0,
         deadline=deadline,
         plugins=(*plugins, *extra_plugins),
+        journal=journal,
+        max_result_bytes=max_result_bytes if max_result_bytes is not None else 1024 * 1024,
     )
 
 
@@ -324,6 +333,9 @@ def _merge_retry(
     problems: Problems, base: RetrySettings, overrides: dict[str, Any], path: KeyPath, max_attempts: int | None
 ) -> RetrySettings:
     """Apply ``overrides`` and then ``--max-attempts`` to ``base``, checking that delay <= max_delay."""
+    if not overrides and (max_attempts is None or max_attempts == base.max_attempts):
+        # The common task sets no retry key: share the defaults instead of copying them.
+        return base
     merged = replace(base, **overrides)
     # Only a table that sets delay or max_delay can break the bound, so a bad
     # [retry] is not reported again for every task.

@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import selectors
 import signal
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 import loky
@@ -139,6 +140,11 @@ class LokyBackend(Backend):
         os.set_blocking(self._wake_fd, False)
         self._by_connection: dict[Connection, _Slot] = {}
         self._lock = threading.Lock()
+        # One selector for the whole run: multiprocessing.connection.wait()
+        # builds and fills a new one on every call, which costs more than the
+        # rest of an attempt's bookkeeping when tasks are tiny.
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
 
     # -- starting ------------------------------------------------------------------
 
@@ -168,6 +174,7 @@ class LokyBackend(Backend):
         slot.pid = None
         slot.state = "starting"
         self._by_connection[parent_end] = slot
+        self._selector.register(parent_end, selectors.EVENT_READ, slot)
         future.add_done_callback(lambda _future: self.wake())
         log.debug("worker-starting slot=%d", slot.index)
 
@@ -184,15 +191,15 @@ class LokyBackend(Backend):
             log.debug("submit-failed slot=%d", slot)
 
     def wait(self, timeout: float | None) -> list[SlotEvents]:
-        watched: list[Any] = [self._wake_reader, *self._by_connection]
-        ready = wait(watched, timeout)
+        if timeout is not None and timeout < 0:
+            timeout = 0
         reports: list[SlotEvents] = []
-        for connection in ready:
-            if connection is self._wake_reader:
+        for key, _ in self._selector.select(timeout):
+            slot = key.data
+            if slot is None:
                 self._drain_wakeups()
                 continue
-            slot = self._by_connection[connection]
-            reports.append(self._read_slot(slot, connection))
+            reports.append(self._read_slot(slot, key.fileobj))
         return reports
 
     def _read_slot(self, slot: _Slot, connection: Connection) -> SlotEvents:
@@ -217,6 +224,7 @@ class LokyBackend(Backend):
         connection = slot.connection
         if connection is not None:
             self._by_connection.pop(connection, None)
+            self._selector.unregister(connection)
             connection.close()
         slot.connection = None
         slot.state = "lost"
@@ -314,9 +322,12 @@ class LokyBackend(Backend):
             if slot.executor is not None:
                 slot.executor.shutdown(wait=True, kill_workers=True)
             if slot.connection is not None:
+                self._selector.unregister(slot.connection)
                 slot.connection.close()
+                slot.connection = None
             slot.state = "closed"
         self._by_connection.clear()
+        self._selector.close()
 
 
 def kill_process_group(pid: int) -> None:

@@ -47,15 +47,19 @@ from typing import TYPE_CHECKING, Any
 
 from batchrun import worker
 from batchrun.errors import ConfigError, PoolBrokenError
+from batchrun.journal import definition_hash
 from batchrun.models import TASK_STATES, Attempt, ErrorInfo, Outcome, RunInfo, RunSummary, Task
+from batchrun.recorder import EventRecorder
 
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from batchrun.config import BatchConfig
+    from batchrun.journal import Journal
     from batchrun.plugins import Hooks
     from batchrun.pool import Backend, SlotEvents
+    from batchrun.resume import ResumePlan
 
 
 log = logging.getLogger(__name__)
@@ -123,10 +127,16 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         grace: float = 10.0,
         policy_names: set[str] | None = None,
+        journal: Journal | None = None,
+        resume: ResumePlan | None = None,
     ) -> None:
         self.config = config
         self.hooks = hooks
         self.backend = backend
+        #: Writes each event to the journal, then fires its hooks.
+        self.recorder = EventRecorder(hooks, journal)
+        #: What an earlier session of this run already did, when resuming.
+        self.resume = resume
         self.clock = clock
         #: Seconds running attempts get to finish after a first stop signal.
         self.grace = grace
@@ -144,6 +154,8 @@ class Supervisor:
         self.sequence = itertools.count()
 
         self.states = dict.fromkeys(TASK_STATES, 0)
+        #: Tasks that ended in an earlier session of a resumed run, by state.
+        self.states_before = dict.fromkeys(TASK_STATES, 0)
         self.unsuccessful: list[str] = []
         self.attempts_started = 0
         self.running = 0
@@ -167,15 +179,21 @@ class Supervisor:
         previous_handlers = self._install_signal_handlers()
         try:
             self.backend.start()
-            self.hooks.on_run_start(self._run_info())
+            self.recorder.run_started(self._run_info())
             self._loop()
         finally:
             self._restore_signal_handlers(previous_handlers)
             self.backend.close(grace=2.0)
+            self.recorder.flush()
 
+        if any(self.states_before.values()):
+            log.info(
+                "run-resumed tasks finished in earlier sessions: %s",
+                ", ".join(f"{count} {state}" for state, count in self.states_before.items() if count),
+            )
         summary = RunSummary(
             name=self.config.run.name,
-            states=dict(self.states),
+            states={state: self.states[state] + self.states_before[state] for state in TASK_STATES},
             attempts=self.attempts_started,
             peak_running=self.peak_running,
             max_concurrent=self.backend.size,
@@ -184,8 +202,8 @@ class Supervisor:
             stop_reason=self.stop_reason,
             unsuccessful=tuple(self.unsuccessful),
         )
-        self.hooks.report_repeated_failures()
-        self.hooks.on_run_end(summary)
+        finished = self.stop_reason is None and self.fatal_error is None
+        self.recorder.run_ended(summary, "finished" if finished else "stopped")
         if self.fatal_error is not None:
             raise self.fatal_error
         return summary
@@ -218,8 +236,19 @@ class Supervisor:
             if self._is_finished():
                 return
 
-            for report in self.backend.wait(self._next_wakeup(deadline)):
+            for report in self._wait_for_reports(deadline):
                 self._handle_report(report)
+
+    def _wait_for_reports(self, deadline: float | None) -> list[SlotEvents]:
+        """Wait for worker events, flushing queued events first unless more are already waiting."""
+        if self.recorder.has_pending():
+            reports = self.backend.wait(0)
+            if reports and not self.recorder.is_flush_due():
+                return reports
+            self.recorder.flush()
+            if reports:
+                return reports
+        return self.backend.wait(self._next_wakeup(deadline))
 
     def _is_finished(self) -> bool:
         if self.stop_reason is not None:
@@ -275,10 +304,17 @@ class Supervisor:
         return 1 + min(extra, MAX_PREFETCH)
 
     def _next_ready_record(self) -> _TaskRecord | None:
-        if self.ready:
-            return self.ready.popleft()
-        if self.source_exhausted:
-            return None
+        while True:
+            if self.ready:
+                return self.ready.popleft()
+            if self.source_exhausted:
+                return None
+            record = self._pull_task()
+            if record is not None:
+                return record
+
+    def _pull_task(self) -> _TaskRecord | None:
+        """Take the next task from the source; return it when it is ready to run now."""
         try:
             task = next(self.tasks)
         except StopIteration:
@@ -289,16 +325,44 @@ class Supervisor:
             # error at the end: finished work is kept.
             if not isinstance(error, ConfigError):
                 error = ConfigError(f"a task source raised {type(error).__name__}: {error}")
-            self.source_exhausted = True
-            self.fatal_error = error
-            self.begin_stop("invalid task source", cancel_after=None)
+            self._reject_source(error)
             return None
         if self.policy_names is not None and task.retry.policy not in self.policy_names:
-            self.source_exhausted = True
-            self.fatal_error = ConfigError(f"task {task.id!r}: unknown retry policy {task.retry.policy!r}")
-            self.begin_stop("invalid task source", cancel_after=None)
+            self._reject_source(ConfigError(f"task {task.id!r}: unknown retry policy {task.retry.policy!r}"))
             return None
-        return _TaskRecord(task, tuple(task.args), dict(task.kwargs))
+
+        record = _TaskRecord(task, tuple(task.args), dict(task.kwargs))
+        if self.resume is None or not self.resume.is_known(task.id):
+            return record
+        return self._admit_resumed(record)
+
+    def _admit_resumed(self, record: _TaskRecord) -> _TaskRecord | None:
+        task = record.task
+        admission = self.resume.admit(task.id, definition_hash(task))
+        if admission.action == "changed":
+            self._reject_source(ConfigError(changed_task_message(task.id)))
+            return None
+        if admission.action == "skip":
+            self.states_before[admission.state] += 1
+            if admission.state != "succeeded":
+                self.unsuccessful.append(task.id)
+            return None
+        if admission.reset:
+            self.recorder.task_reset(task, admission.reason)
+        record.attempts = admission.attempts
+        record.failures = admission.failures
+        if admission.delay > 0:
+            heapq.heappush(self.delayed, (self.clock() + admission.delay, next(self.sequence), record))
+            return None
+        return record
+
+    def _reject_source(self, error: ConfigError) -> None:
+        """Stop taking tasks because the source produced an invalid one; started attempts finish."""
+        self.source_exhausted = True
+        if self.fatal_error is None:
+            self.fatal_error = error
+        if self.stop_reason is None:
+            self.begin_stop("invalid task source", cancel_after=None)
 
     def _new_submission(self, record: _TaskRecord, slot: int) -> worker.Submission:
         attempt_id = next(self.attempt_ids)
@@ -368,7 +432,7 @@ class Supervisor:
         if timeout is not None:
             kill_at = started_at + timeout + self.config.run.timeout_grace
             heapq.heappush(self.kill_deadlines, (kill_at, attempt_id))
-        self.hooks.on_start(record.task, flight.attempt)
+        self.recorder.attempt_started(record.task, flight.attempt, attempt_id, slot_index)
 
     def _on_ended(self, slot_index: int, event: tuple) -> None:
         _, attempt_id, ended_at, succeeded, payload = event
@@ -385,13 +449,14 @@ class Supervisor:
                 result = pickle.loads(payload)
             except Exception as error:  # noqa: BLE001 - unpickling runs arbitrary reducers
                 message = f"the result of task {record.task.id!r} cannot be unpickled: {type(error).__name__}: {error}"
-                self.fail_attempt(flight, ErrorInfo("payload", "UnpicklingError", message, "", ("UnpicklingError",)))
+                self.fail_attempt(flight, attempt_id, ErrorInfo("payload", "UnpicklingError", message, "", ("UnpicklingError",)), ended_at)
                 return
+            self.recorder.attempt_succeeded(record.task, flight.attempt, attempt_id, slot_index, ended_at)
             self.finish_task(record, "succeeded", result=result)
             return
 
         kind, type_name, message, formatted, type_names = payload
-        self.fail_attempt(flight, ErrorInfo(kind, type_name, message, formatted, type_names))
+        self.fail_attempt(flight, attempt_id, ErrorInfo(kind, type_name, message, formatted, type_names), ended_at)
 
     def _on_skipped(self, slot_index: int, attempt_id: int) -> None:
         flight = self._end_attempt(slot_index, attempt_id, "skipped")
@@ -445,7 +510,7 @@ class Supervisor:
             if attempt_id != running_id or flight.attempt is None:
                 self._return_unstarted(flight.record)
                 continue
-            self.fail_attempt(flight, self._lost_attempt_error(slot, attempt_id, flight, how))
+            self.fail_attempt(flight, attempt_id, self._lost_attempt_error(slot, attempt_id, flight, how), self.clock())
         slot.kill_kind = None
         slot.kill_reason = ""
         slot.kill_attempt = None
@@ -513,7 +578,7 @@ class Supervisor:
 
     # -- retries and terminal states ----------------------------------------------------
 
-    def fail_attempt(self, flight: _InFlight, error: ErrorInfo) -> None:
+    def fail_attempt(self, flight: _InFlight, attempt_id: int, error: ErrorInfo, ended_at: float) -> None:
         """Record a failed attempt, fire ``on_fail``, then retry the task or finish it."""
         record = flight.record
         attempt = flight.attempt
@@ -521,7 +586,7 @@ class Supervisor:
         if attempt is None:
             self.finish_task(record, "failed")
             return
-        self.hooks.on_fail(record.task, attempt, error)
+        self.recorder.attempt_failed(record.task, attempt, attempt_id, flight.slot, ended_at, error)
 
         delay = self._retry_delay(record, attempt, error)
         if delay is None:
@@ -531,7 +596,7 @@ class Supervisor:
             # The task would run again, but the run is stopping: it is unfinished.
             self.finish_task(record, "cancelled")
             return
-        self.hooks.on_retry(record.task, attempt, delay)
+        self.recorder.retry_scheduled(record.task, attempt, delay, record.attempts, record.failures)
         if delay <= 0:
             self.ready.append(record)
         else:
@@ -569,7 +634,7 @@ class Supervisor:
             self.unsuccessful.append(record.task.id)
         error = None if state == "succeeded" else record.last_error
         outcome = Outcome(record.task.id, state, record.attempts, result, error, record.last_duration)
-        self.hooks.on_terminal(record.task, outcome)
+        self.recorder.task_finished(record.task, outcome, record.failures)
 
     # -- stopping -----------------------------------------------------------------------
 
@@ -667,3 +732,11 @@ def _terminal_state(error: ErrorInfo) -> str:
     if error.kind == "cancelled":
         return "cancelled"
     return "failed"
+
+
+def changed_task_message(task_id: str) -> str:
+    """Return the error for a resumed task whose definition no longer matches the journal."""
+    return (
+        f"task {task_id!r} changed since the journal recorded it (its call, arguments, timeout or retry settings"
+        " differ); restore its definition, or resume with --rerun-changed to run it again from its first attempt"
+    )
