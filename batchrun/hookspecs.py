@@ -8,7 +8,9 @@ plugins.
 For one task the notification hooks fire in this order: ``on_start`` for each
 attempt, then ``on_fail`` and, when the task will run again, ``on_retry``, and
 finally exactly one ``on_terminal``. ``on_run_start`` comes before every task
-hook and ``on_run_end`` after all of them.
+hook and ``on_run_end`` after all of them. Every event is committed to the run
+journal before its hooks fire, so hooks may fire up to a few tens of
+milliseconds after the event while a busy run groups events into one commit.
 
 When a notification hook implementation raises, batchrun logs the error once
 with the plugin name, counts it in the run summary and still calls the other
@@ -77,10 +79,13 @@ def on_start(task: Task, attempt: Attempt) -> None:
 
 @hookspec
 def on_fail(task: Task, attempt: Attempt, error: ErrorInfo) -> None:
-    """Called after an attempt fails, before the retry decision.
+    """Called after an attempt fails, before ``on_retry`` or ``on_terminal`` of its task.
+
+    The retry policy may already have been asked by then, so a policy must
+    not depend on its own ``on_fail`` having run.
 
     :param task: the task whose attempt failed.
-    :param attempt: the attempt that failed.
+    :param attempt: the attempt that failed, with ``ended_at`` set.
     :param error: the failure kind, exception type name, message and traceback text.
 
     .. versionadded:: 0.1

@@ -259,8 +259,9 @@ class Journal:
         self.run_id = run.run_id
         self.connection.execute("UPDATE runs SET status = 'running', stop_reason = NULL, ended_wall = NULL WHERE run_id = ?", (run.run_id,))
         self._start_session(max_concurrent)
-        for task_id, attempt, attempt_id in open_attempts(self.connection, run.run_id):
-            self.record("attempt-interrupted", task_id, attempt=attempt, attempt_id=attempt_id, data={"reason": "the supervisor stopped while the attempt ran; it is not charged"})
+        for session_id, task_id, attempt, attempt_id in open_attempts(self.connection, run.run_id):
+            reason = "the supervisor stopped while the attempt ran; it is not charged"
+            self.record("attempt-interrupted", task_id, attempt=attempt, attempt_id=attempt_id, data={"session_id": session_id, "reason": reason})
         self.record("run-resumed", data={"session_id": self.session_id})
         self.commit()
         return load_tasks(self.connection, run.run_id)
@@ -465,18 +466,22 @@ def load_tasks(connection: sqlite3.Connection, run_id: int) -> dict[str, TaskRec
     return tasks
 
 
-def open_attempts(connection: sqlite3.Connection, run_id: int) -> list[tuple[str, int, int]]:
-    """Return ``(task_id, attempt, attempt_id)`` of every attempt of a run that started and never closed."""
-    open_by_key: dict[tuple[int, int], tuple[str, int, int]] = {}
+def open_attempts(connection: sqlite3.Connection, run_id: int) -> list[tuple[int, str, int, int]]:
+    """Return ``(session_id, task_id, attempt, attempt_id)`` of every attempt of a run that started and never closed."""
+    open_by_key: dict[tuple[int, int], tuple[int, str, int, int]] = {}
     rows = connection.execute(
-        "SELECT session_id, event, task_id, attempt, attempt_id FROM events WHERE run_id = ?"
+        "SELECT session_id, event, task_id, attempt, attempt_id, data FROM events WHERE run_id = ?"
         " AND event IN ('attempt-started', 'attempt-ended', 'attempt-interrupted') ORDER BY seq",
         (run_id,),
     )
     for row in rows:
         key = (row["session_id"], row["attempt_id"])
         if row["event"] == "attempt-started":
-            open_by_key[key] = (row["task_id"], row["attempt"], row["attempt_id"])
+            open_by_key[key] = (row["session_id"], row["task_id"], row["attempt"], row["attempt_id"])
+        elif row["event"] == "attempt-interrupted":
+            # The interrupting session names the session the attempt ran in.
+            started_in = json.loads(row["data"]).get("session_id")
+            open_by_key.pop((started_in, row["attempt_id"]), None)
         else:
             open_by_key.pop(key, None)
     return list(open_by_key.values())

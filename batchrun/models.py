@@ -103,6 +103,13 @@ class Attempt:
     started_at: float
     #: ``time.time()`` when the attempt started running in the worker.
     started_wall: float
+    #: ``time.monotonic()`` when the attempt ended, or ``None`` while it runs.
+    ended_at: float | None = None
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds the attempt ran, or ``None`` while it runs."""
+        return None if self.ended_at is None else max(0.0, self.ended_at - self.started_at)
 
 
 @dataclass(frozen=True, slots=True)

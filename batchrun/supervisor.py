@@ -35,6 +35,7 @@ The three laws hold by construction:
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -586,6 +587,7 @@ class Supervisor:
         if attempt is None:
             self.finish_task(record, "failed")
             return
+        attempt = dataclasses.replace(attempt, ended_at=ended_at)
         self.recorder.attempt_failed(record.task, attempt, attempt_id, flight.slot, ended_at, error)
 
         delay = self._retry_delay(record, attempt, error)

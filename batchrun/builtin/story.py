@@ -85,7 +85,7 @@ class StoryLog:
             task.id,
             attempt.number,
             attempt.max_attempts,
-            _milliseconds(time.monotonic() - attempt.started_at),
+            _milliseconds(attempt.duration if attempt.duration is not None else time.monotonic() - attempt.started_at),
             _first_line(str(error)),
         )
         if error.traceback and log.isEnabledFor(logging.DEBUG):
