@@ -122,7 +122,11 @@ def _run(arguments: argparse.Namespace) -> int:
 
     verbosity = -1 if arguments.quiet else arguments.verbose
     configure_logging(verbosity)
-    story_mode = "quiet" if arguments.quiet else ("all" if arguments.verbose else "auto")
+    story_mode = "auto"
+    if arguments.quiet:
+        story_mode = "quiet"
+    elif arguments.verbose:
+        story_mode = "all"
     worker_log_level = logging.INFO if arguments.verbose else logging.WARNING
 
     try:

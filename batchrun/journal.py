@@ -118,7 +118,7 @@ class JournalError(BatchrunError):
 
 @dataclass(slots=True)
 class TaskRecord:
-    """What the journal knows of one task of a run."""
+    """The journal's record of one task of a run."""
 
     task_id: str
     definition_hash: str

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class SlotEvents:
-    """What one slot reported since the last wait."""
+    """Events one slot reported since the last wait."""
 
     #: Index of the slot.
     slot: int
@@ -116,7 +116,8 @@ class _Slot:
         self.pid: int | None = None
         #: loky's process object of the worker, which records its exit code.
         self.process: Any = None
-        #: "starting", "ready", "lost" (waiting to be reaped), "reaped" or "closed".
+        #: "starting", "ready", "lost" (waiting to be reaped), "reaped" (loss not
+        #: yet reported), "down" (loss reported, ready to restart) or "closed".
         self.state = "closed"
         self.lost_reason = ""
 
@@ -131,9 +132,9 @@ class LokyBackend(Backend):
         self.import_paths = list(import_paths)
         self.worker_log_level = worker_log_level
         self.slots = [_Slot(index) for index in range(size)]
-        # Closing the write end tells every worker at once to start nothing
-        # new: each polls the read end, which turns readable at end-of-file.
-        # The supervisor's death closes it too.
+        # Closing the write end stops every worker from starting new attempts
+        # at once, because each polls the read end, which turns readable at
+        # end-of-file. The supervisor's death closes it too.
         self._stop_reader, self._stop_writer = multiprocessing.Pipe(duplex=False)
         self._wake_reader, self._wake_writer = multiprocessing.Pipe(duplex=False)
         self._wake_fd = self._wake_writer.fileno()
@@ -198,6 +199,7 @@ class LokyBackend(Backend):
             slot = key.data
             if slot is None:
                 self._drain_wakeups()
+                reports.extend(self._reaped_reports())
                 continue
             reports.append(self._read_slot(slot, key.fileobj))
         return reports
@@ -216,8 +218,9 @@ class LokyBackend(Backend):
                 if not connection.poll():
                     break
         except (EOFError, OSError):
+            # The loss is reported by wait() once the process is reaped, so
+            # the attempt it ran counts as running until then.
             self._mark_lost(slot)
-            report.lost = slot.lost_reason
         return report
 
     def _mark_lost(self, slot: _Slot) -> None:
@@ -228,8 +231,7 @@ class LokyBackend(Backend):
             connection.close()
         slot.connection = None
         slot.state = "lost"
-        slot.lost_reason = describe_exit(slot)
-        log.debug("worker-lost slot=%d pid=%s reason=%s", slot.index, slot.pid, slot.lost_reason)
+        log.debug("worker-lost slot=%d pid=%s", slot.index, slot.pid)
 
         # loky's executor reaps the process; waiting for that off the
         # supervisor's thread keeps a slow exit from stalling other slots.
@@ -237,21 +239,42 @@ class LokyBackend(Backend):
         threading.Thread(target=self._reap, args=(slot, executor), name=f"batchrun-reap-{slot.index}", daemon=True).start()
 
     def _reap(self, slot: _Slot, executor: Any) -> None:
+        # The worker's pipe closed, so it is dead or broken: kill its process
+        # group too, which ends any process the task started.
+        pid = slot.pid if slot.pid is not None else getattr(slot.process, "pid", None)
+        if pid is not None:
+            kill_process_group(pid)
         try:
             executor.shutdown(wait=True, kill_workers=True)
         except Exception:  # noqa: BLE001 - a failed shutdown of a dead executor changes nothing
             log.debug("executor-shutdown-failed slot=%d", slot.index, exc_info=True)
+
+        # Only now is the exit status stored: loky's own thread may have
+        # reaped the process before us.
+        reason = describe_exit(slot)
         with self._lock:
             if slot.executor is executor and slot.state == "lost":
+                slot.lost_reason = reason
                 slot.state = "reaped"
         self.wake()
+
+    def _reaped_reports(self) -> list[SlotEvents]:
+        reports = []
+        with self._lock:
+            for slot in self.slots:
+                if slot.state == "reaped":
+                    slot.state = "down"
+                    reports.append(SlotEvents(slot.index, lost=slot.lost_reason))
+        return reports
 
     def restart_reaped_slots(self) -> list[int]:
         restarted = []
         for slot in self.slots:
+            # A slot is "down" once wait() has reported its loss, so the
+            # supervisor has settled the old worker's attempts first.
             with self._lock:
-                is_reaped = slot.state == "reaped"
-            if is_reaped:
+                is_down = slot.state == "down"
+            if is_down:
                 self._start_slot(slot)
                 restarted.append(slot.index)
         return restarted
@@ -342,7 +365,7 @@ def kill_process_group(pid: int) -> None:
 
 
 def describe_exit(slot: _Slot) -> str:
-    """Describe how a slot's worker ended, with the exit code or signal when loky knows it."""
+    """Describe how a slot's worker ended, with the exit code or signal when loky recorded it."""
     pid = f"pid {slot.pid}" if slot.pid is not None else "a worker that had not reported its pid"
     code = _exit_code(slot)
     if code is None:
@@ -359,7 +382,7 @@ def describe_exit(slot: _Slot) -> str:
 def _worker_process(executor: Any) -> Any:
     # loky keeps its worker processes in a private mapping; the process
     # object is the only place that records the signal that killed a worker.
-    # submit() has started the single worker, so the mapping holds it now.
+    # submit() has started the single worker, so the mapping contains it now.
     processes = getattr(executor, "_processes", None) or {}
     for process in list(processes.values()):
         return process

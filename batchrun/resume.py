@@ -1,4 +1,4 @@
-"""Decide what a resumed run does with each task the journal already knows.
+"""Decide what a resumed run does with each task the journal already recorded.
 
 A task that succeeded keeps its result and does not run again. A task that
 failed for good, or timed out, stays that way unless ``retry_failed`` is set.
@@ -24,7 +24,7 @@ Action = Literal["run", "skip", "changed"]
 
 @dataclass(slots=True)
 class Admission:
-    """What to do with one task when a resumed run reaches it."""
+    """The decision for one task when a resumed run reaches it."""
 
     #: "run" (with ``attempts`` and ``failures`` carried on), "skip" (keep ``state``), or "changed".
     action: Action

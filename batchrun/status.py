@@ -116,7 +116,12 @@ def write_results(target: str | None, result_format: str, output: TextIO = sys.s
     writer.writerow(["task", "state", "attempts", "duration", "result", "error"])
     for row in rows:
         result = row["result"]
-        result_text = "" if result is None else (result if isinstance(result, str) else json.dumps(result))
+        if result is None:
+            result_text = ""
+        elif isinstance(result, str):
+            result_text = result
+        else:
+            result_text = json.dumps(result)
         writer.writerow([row["task"], row["state"], row["attempts"], row["duration"], result_text, row["error"] or ""])
     return 0
 

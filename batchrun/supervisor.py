@@ -14,9 +14,9 @@
                                                v
                    supervisor loop: count running, fire hooks, decide retries
 
-One thread, the caller's, runs the loop and owns every field here; the only
-other threads are loky's and the reapers in :mod:`batchrun.pool`, which touch
-none of it. Signal handlers only set a flag and wake the loop.
+One thread, the caller's, runs the loop and owns every field here. The only
+other threads are loky's and the reapers in :mod:`batchrun.pool`, and they
+touch none of it. Signal handlers only set a flag and wake the loop.
 
 The three laws hold by construction:
 

@@ -33,7 +33,7 @@ class Violation:
 
     #: "ceiling", "one-live-attempt" or "everything-ends".
     law: str
-    #: What is wrong, in one sentence.
+    #: Description of the broken rule, in one sentence.
     message: str
     #: The journal events involved, as dicts.
     events: list[dict[str, Any]] = field(default_factory=list)

@@ -160,7 +160,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def serve() -> None:
-    """Run attempts from the supervisor's pipe until told to stop; loky runs this as one long call."""
+    """Run attempts from the supervisor's pipe until it sends ``None``; loky runs this as one long call."""
     if _connection is None:
         raise RuntimeError("batchrun.worker.serve() runs only in a worker prepared by initialize()")
     _WorkerLoop(_connection, _stop_signal).run()

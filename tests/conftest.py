@@ -9,6 +9,8 @@ import psutil
 import pytest
 
 from batchrun import hookimpl
+from batchrun.journal import JournalError, JournalView, list_runs
+from batchrun.verify import verify_run
 
 
 @pytest.fixture
@@ -68,6 +70,26 @@ def recorder():
 
 
 @pytest.fixture(autouse=True)
+def journals_keep_the_laws(request, tmp_path):
+    """Replay every run journal a test left in its tmp_path and fail on any broken law."""
+    yield
+    if request.node.get_closest_marker("timeout") is None or request.node.get_closest_marker("broken_journal"):
+        return
+    for path in sorted(tmp_path.rglob("*.sqlite")):
+        try:
+            view = JournalView.open(path)
+        except JournalError:
+            continue  # a test that corrupts a journal on purpose checks it itself
+        try:
+            for run in list_runs(view.connection):
+                verdict = verify_run(view.connection, run)
+                problems = "; ".join(violation.message for violation in verdict.violations)
+                assert verdict.ok, f"{path} run {run.run_id}: {problems}"
+        finally:
+            view.close()
+
+
+@pytest.fixture(autouse=True)
 def no_leftover_processes(request):
     """Fail a test that leaves child processes of the test process running."""
     yield
@@ -85,15 +107,17 @@ def no_leftover_processes(request):
     pytest.fail(f"child processes left running after the test: {names}")
 
 
-def _is_alive(process: psutil.Process) -> bool:
-    """Return whether a child is a live process of a run, other than loky's resource tracker.
+#: Helper processes that live as long as the test process, on purpose: loky
+#: 3.7 starts its own resource tracker and the standard library's, one each.
+RESOURCE_TRACKERS = ("loky.backend.resource_tracker", "multiprocessing.resource_tracker")
 
-    loky starts one resource tracker per parent process and keeps it for the
-    parent's lifetime, on purpose, so it is not a leftover of the test.
-    """
+
+def _is_alive(process: psutil.Process) -> bool:
+    """Return whether a child is a live process of a run, other than a resource tracker."""
     try:
         if process.status() == psutil.STATUS_ZOMBIE:
             return False
-        return "loky.backend.resource_tracker" not in " ".join(process.cmdline())
+        command = " ".join(process.cmdline())
     except psutil.NoSuchProcess:
         return False
+    return not any(tracker in command for tracker in RESOURCE_TRACKERS)
