@@ -254,8 +254,8 @@ class Journal:
         self.commit()
         return self.run_id
 
-    def resume_run(self, run: RunRecord, max_concurrent: int) -> dict[str, TaskRecord]:
-        """Continue an unfinished run: close its open attempts as interrupted and return its tasks."""
+    def resume_run(self, run: RunRecord, max_concurrent: int) -> None:
+        """Continue a run in a new session, closing the attempts it left open as interrupted."""
         self.run_id = run.run_id
         self.connection.execute("UPDATE runs SET status = 'running', stop_reason = NULL, ended_wall = NULL WHERE run_id = ?", (run.run_id,))
         self._start_session(max_concurrent)
@@ -264,7 +264,6 @@ class Journal:
             self.record("attempt-interrupted", task_id, attempt=attempt, attempt_id=attempt_id, data={"session_id": session_id, "reason": reason})
         self.record("run-resumed", data={"session_id": self.session_id})
         self.commit()
-        return load_tasks(self.connection, run.run_id)
 
     def _start_session(self, max_concurrent: int) -> None:
         cursor = self.connection.execute(
@@ -372,32 +371,51 @@ class Journal:
 def open_database(path: Path, *, create: bool = False) -> sqlite3.Connection:
     """Open a journal file and check its schema version.
 
+    Readers (``create=False``) open the file read-only, so reading never
+    changes it. A writer creates the file when it does not exist, but never
+    adopts an existing SQLite file that is not a batchrun journal.
+
     :raises JournalError: when the file is missing (and ``create`` is false),
-        is not a SQLite database, is corrupt, or has a newer schema version.
+        is not a SQLite database, is corrupt, is another program's database,
+        or has a newer schema version.
     """
+    exists = path.is_file() and path.stat().st_size > 0
     if not create and not path.is_file():
         raise JournalError(f"journal not found: {path}; run the batch first, or pass the journal's path")
-    if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        connection = sqlite3.connect(str(path), isolation_level="DEFERRED", check_same_thread=False)
-        connection.row_factory = sqlite3.Row
-        connection.execute("PRAGMA journal_mode=WAL")
         if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(str(path), isolation_level="DEFERRED", check_same_thread=False)
+        else:
+            connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        connection.row_factory = sqlite3.Row
+        if exists:
+            _check_schema(connection, path)
+        if create:
+            connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)
             connection.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             connection.commit()
-        version = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as error:
         raise JournalError(f"{path} is not a readable batchrun journal: {error}; move it aside to start afresh") from error
+    return connection
+
+
+def _check_schema(connection: sqlite3.Connection, path: Path) -> None:
+    has_meta = connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+    version = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if has_meta else None
     if version is None:
-        raise JournalError(f"{path} has no schema version, so it is not a batchrun journal; move it aside to start afresh")
+        connection.close()
+        raise JournalError(
+            f"{path} is an SQLite database but not a batchrun journal (it has no schema version);"
+            " pass another --journal path, or move the file aside"
+        )
     if int(version[0]) > SCHEMA_VERSION:
+        connection.close()
         raise JournalError(
             f"{path} has journal schema version {version[0]}, newer than the {SCHEMA_VERSION} this batchrun reads;"
             " upgrade batchrun to read it"
         )
-    return connection
 
 
 def _acquire_lock(path: Path) -> Any:

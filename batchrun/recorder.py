@@ -85,6 +85,11 @@ class EventRecorder:
             self.journal.task_reset(task)
             self.journal.record("task-reset", task.id, data={"reason": reason})
 
+    def task_reopened(self, task: Task) -> None:
+        """Record that a task cancelled in an earlier session runs on, so its next terminal state is its own."""
+        if self.journal is not None:
+            self.journal.record("task-reopened", task.id, data={"reason": "it was cancelled when an earlier session stopped"})
+
     def attempt_started(self, task: Task, attempt: Attempt, attempt_id: int, slot: int) -> None:
         if self.journal is not None:
             self.journal.record("attempt-started", task.id, attempt=attempt.number, attempt_id=attempt_id, slot=slot, pid=attempt.pid, mono=attempt.started_at)

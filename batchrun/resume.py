@@ -3,7 +3,8 @@
 A task that succeeded keeps its result and does not run again. A task that
 failed for good, or timed out, stays that way unless ``retry_failed`` is set.
 A task that was cancelled or never finished carries on with its charged
-attempts, its failures by kind and its pending retry delay. A task whose
+attempts, its failures by kind and its pending retry delay. Attempts that the
+run itself cancelled while stopping are not charged. A task whose
 definition changed since the journal was written is an error, unless
 ``rerun_changed`` is set, in which case it starts again from attempt 1.
 """
@@ -36,6 +37,8 @@ class Admission:
     state: str | None = None
     #: Whether the journal's row must be reset before the task runs again.
     reset: bool = False
+    #: Whether the task ended as cancelled in an earlier session and now runs on.
+    reopen: bool = False
     reason: str = ""
 
 
@@ -71,4 +74,10 @@ class ResumePlan:
         delay = 0.0
         if record.retry_due_wall is not None:
             delay = max(0.0, record.retry_due_wall - time.time())
-        return Admission("run", attempts=record.attempts, failures=dict(record.failures), delay=delay)
+
+        # An attempt the run cancelled as it stopped was not the task's fault,
+        # so it is not charged, like an attempt the supervisor's death cut short.
+        failures = dict(record.failures)
+        cancelled = failures.pop("cancelled", 0)
+        attempts = max(0, record.attempts - cancelled)
+        return Admission("run", attempts=attempts, failures=failures, delay=delay, reopen=record.state == "cancelled")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from batchrun.builtin.story import StoryLog
 from batchrun.errors import ConfigError, UsageError
-from batchrun.journal import Journal, default_journal_path, definition_hash
+from batchrun.journal import Journal, default_journal_path, definition_hash, load_tasks
 from batchrun.plugins import Hooks, create_plugin_manager, default_builtins
 from batchrun.pool import LokyBackend
 from batchrun.resume import ResumePlan
@@ -153,12 +153,15 @@ def _open_run(config: BatchConfig, journal: Journal, path: Path, *, resume: bool
     earlier = journal.latest_run(name)
     if earlier is None:
         raise UsageError(f"--resume: the journal {path} holds no run named {name!r}; run without --resume to start one")
-    previous = journal.resume_run(earlier, config.run.max_concurrent)
+    # Check for changed tasks before the journal records anything, so a
+    # rejected resume leaves the run exactly as it was.
+    previous = load_tasks(journal.connection, earlier.run_id)
     plan = ResumePlan(previous, retry_failed=retry_failed, rerun_changed=rerun_changed)
     changed = [task.id for task in config.tasks if plan.admit(task.id, definition_hash(task)).action == "changed"]
     if changed:
         problems = [changed_task_message(task_id) for task_id in changed[:20]]
         raise ConfigError("\n".join(problems), path=config_path, problems=problems)
+    journal.resume_run(earlier, config.run.max_concurrent)
     log.info("run-resumed run %d of %r from %s (%d tasks known)", earlier.run_id, name, path, len(previous))
     return plan
 

@@ -350,8 +350,16 @@ class Supervisor:
             return None
         if admission.reset:
             self.recorder.task_reset(task, admission.reason)
+        elif admission.reopen:
+            self.recorder.task_reopened(task)
         record.attempts = admission.attempts
         record.failures = admission.failures
+        if record.attempts >= task.retry.max_attempts:
+            # --max-attempts was lowered since the earlier session.
+            message = f"task {task.id!r} already made {record.attempts} attempts, and max_attempts is now {task.retry.max_attempts}"
+            record.last_error = ErrorInfo("exception", "AttemptsExhaustedError", message, "", ("AttemptsExhaustedError",))
+            self.finish_task(record, "failed")
+            return None
         if admission.delay > 0:
             heapq.heappush(self.delayed, (self.clock() + admission.delay, next(self.sequence), record))
             return None

@@ -10,7 +10,8 @@ The checks, over the events in the order the supervisor handled them:
    of its attempts is open, and never finishes while one is.
 3. **Everything ends.** Every attempt that started is closed (ended, or
    interrupted when a resumed run takes over) once the run has ended, and
-   every task has exactly one ``task-finished`` event since it was last reset.
+   every task has exactly one ``task-finished`` event since it was last reset
+   or reopened by a resumed run.
 
 A run whose supervisor died, and that was not resumed yet, is reported as
 unfinished rather than as a violation of the third law.
@@ -113,7 +114,7 @@ def verify_run(connection: sqlite3.Connection, run: RunRecord) -> Verdict:
             if kind == "attempt-ended" and started["mono"] is not None and event["mono"] is not None:
                 intervals[session].append((started["mono"], event["mono"], started, event))
 
-        elif kind == "task-reset":
+        elif kind in ("task-reset", "task-reopened"):
             finished_count[task_id] = 0
 
         elif kind == "task-finished":

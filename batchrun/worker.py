@@ -37,6 +37,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -240,7 +242,12 @@ class _WorkerLoop:
                 if inspect.isawaitable(result):
                     result = self.await_result(result, stop)
         except BaseException as error:  # noqa: BLE001 - every failure of a task is reported, never raised here
-            self.outbox.append((ENDED, attempt_id, time.monotonic(), False, describe_error(error, stop.kind(error))))
+            kind = stop.kind(error)
+            if kind in ("timeout", "cancelled"):
+                # A stopped attempt takes the processes it started down with
+                # it, so the next attempt in this worker starts clean.
+                kill_descendants()
+            self.outbox.append((ENDED, attempt_id, time.monotonic(), False, describe_error(error, kind)))
         else:
             ended = time.monotonic()
             try:
@@ -339,6 +346,35 @@ class _AttemptStop:
         if self.timed_out or isinstance(error, AttemptTimeoutError):
             return "timeout"
         return "exception"
+
+
+def kill_descendants() -> None:
+    """Kill every process this worker started, and theirs, leaving the worker itself alive."""
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+    # Reap our own children. A grandchild becomes a zombie of another parent,
+    # which psutil.wait_procs would wait on for its whole timeout, so a
+    # zombie counts as gone here.
+    deadline = time.monotonic() + 2.0
+    remaining = list(children)
+    while remaining and time.monotonic() < deadline:
+        _, remaining = psutil.wait_procs(remaining, timeout=0.05)
+        remaining = [child for child in remaining if not _is_zombie(child)]
+
+
+def _is_zombie(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
 
 
 # -- payloads --------------------------------------------------------------------

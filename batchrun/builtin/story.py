@@ -39,6 +39,8 @@ LINES_PER_SECOND = 20.0
 LINE_BURST = 100.0
 #: Seconds between PROGRESS lines while event lines are suppressed.
 PROGRESS_INTERVAL = 5.0
+#: Number of unsuccessful task ids the closing summary names.
+UNSUCCESSFUL_LISTED = 20
 
 
 class StoryLog:
@@ -137,6 +139,11 @@ class StoryLog:
             stopped,
             plugin_errors,
         )
+        if summary.unsuccessful:
+            shown = ", ".join(summary.unsuccessful[:UNSUCCESSFUL_LISTED])
+            more = len(summary.unsuccessful) - UNSUCCESSFUL_LISTED
+            suffix = f" and {more} more" if more > 0 else ""
+            log.log(level, "UNSUCCESSFUL %s%s", shown, suffix)
 
     # -- rate limiting -----------------------------------------------------------------
 
