@@ -140,8 +140,8 @@ def _run(arguments: argparse.Namespace) -> int:
             config = dataclasses.replace(config, run=dataclasses.replace(config.run, deadline=arguments.deadline))
         if (arguments.retry_failed or arguments.rerun_changed) and not arguments.resume:
             raise UsageError("--retry-failed and --rerun-changed apply to a resumed run; add --resume")
-        if arguments.no_journal and (arguments.journal or arguments.resume):
-            raise UsageError("--no-journal cannot be combined with --journal or --resume")
+        if arguments.no_journal and (arguments.journal or arguments.resume or arguments.events):
+            raise UsageError("--no-journal cannot be combined with --journal, --resume or --events, which all need the journal")
         journal_path = False if arguments.no_journal else arguments.journal
         summary = run_batch(
             config,

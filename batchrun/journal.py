@@ -259,7 +259,7 @@ class Journal:
         self.run_id = run.run_id
         self.connection.execute("UPDATE runs SET status = 'running', stop_reason = NULL, ended_wall = NULL WHERE run_id = ?", (run.run_id,))
         self._start_session(max_concurrent)
-        for session_id, task_id, attempt, attempt_id in open_attempts(self.connection, run.run_id):
+        for session_id, task_id, attempt, attempt_id, _ in open_attempts(self.connection, run.run_id):
             reason = "the supervisor stopped while the attempt ran; it is not charged"
             self.record("attempt-interrupted", task_id, attempt=attempt, attempt_id=attempt_id, data={"session_id": session_id, "reason": reason})
         self.record("run-resumed", data={"session_id": self.session_id})
@@ -296,13 +296,16 @@ class Journal:
         row = (self.run_id, task.id, definition_hash(task), attempts, json.dumps(failures), retry_due_wall, None, None, None, None, None, None)
         self._task_rows[task.id] = row
 
-    def task_finished(self, task: Task, state: str, attempts: int, failures: dict[str, int], result: Any, error: ErrorInfo | None, duration: float) -> None:
-        """Queue the terminal state of a task with its result or last error."""
+    def task_finished(self, task: Task, state: str, attempts: int, failures: dict[str, int], result: Any, error: ErrorInfo | None, duration: float, retry_due_wall: float | None = None) -> None:
+        """Queue the terminal state of a task with its result or last error.
+
+        ``retry_due_wall`` keeps the due time of a retry that a stop cancelled.
+        """
         result_format, text = (None, None)
         if state == "succeeded":
             result_format, text = encode_result(result, self.max_result_bytes)
         failures_text = json.dumps(failures) if failures else "{}"
-        row = (self.run_id, task.id, definition_hash(task), attempts, failures_text, None, state, result_format, text, error_to_json(error), duration, time.time())
+        row = (self.run_id, task.id, definition_hash(task), attempts, failures_text, retry_due_wall, state, result_format, text, error_to_json(error), duration, time.time())
         self._task_rows[task.id] = row
 
     def task_reset(self, task: Task) -> None:
@@ -382,6 +385,9 @@ def open_database(path: Path, *, create: bool = False) -> sqlite3.Connection:
     exists = path.is_file() and path.stat().st_size > 0
     if not create and not path.is_file():
         raise JournalError(f"journal not found: {path}; run the batch first, or pass the journal's path")
+    if not create and not exists:
+        # A supervisor killed between creating the file and writing its schema leaves it empty.
+        raise JournalError(f"the journal {path} is empty, so no run was recorded in it; run the batch to start one")
     try:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -484,18 +490,18 @@ def load_tasks(connection: sqlite3.Connection, run_id: int) -> dict[str, TaskRec
     return tasks
 
 
-def open_attempts(connection: sqlite3.Connection, run_id: int) -> list[tuple[int, str, int, int]]:
-    """Return ``(session_id, task_id, attempt, attempt_id)`` of every attempt of a run that started and never closed."""
-    open_by_key: dict[tuple[int, int], tuple[int, str, int, int]] = {}
+def open_attempts(connection: sqlite3.Connection, run_id: int) -> list[tuple[int, str, int, int, int | None]]:
+    """Return ``(session_id, task_id, attempt, attempt_id, pid)`` of every attempt of a run that started and never closed."""
+    open_by_key: dict[tuple[int, int], tuple[int, str, int, int, int | None]] = {}
     rows = connection.execute(
-        "SELECT session_id, event, task_id, attempt, attempt_id, data FROM events WHERE run_id = ?"
+        "SELECT session_id, event, task_id, attempt, attempt_id, pid, data FROM events WHERE run_id = ?"
         " AND event IN ('attempt-started', 'attempt-ended', 'attempt-interrupted') ORDER BY seq",
         (run_id,),
     )
     for row in rows:
         key = (row["session_id"], row["attempt_id"])
         if row["event"] == "attempt-started":
-            open_by_key[key] = (row["session_id"], row["task_id"], row["attempt"], row["attempt_id"])
+            open_by_key[key] = (row["session_id"], row["task_id"], row["attempt"], row["attempt_id"], row["pid"])
         elif row["event"] == "attempt-interrupted":
             # The interrupting session names the session the attempt ran in.
             started_in = json.loads(row["data"]).get("session_id")

@@ -24,12 +24,14 @@ import os
 import selectors
 import signal
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 import loky
+import psutil
 
 from batchrun import worker
 from batchrun.errors import PoolBrokenError
@@ -364,6 +366,40 @@ def kill_process_group(pid: int) -> None:
             pass
 
 
+def stop_orphaned_workers(attempts: list[tuple[str, int | None]], timeout: float = 5.0) -> None:
+    """Kill the workers of a dead supervisor that still run the given ``(task_id, pid)`` attempts.
+
+    A pid counts as such a worker only while it still leads its own process
+    group and runs loky's worker entry point, so a pid the system has since
+    reused for another program is left alone.
+    """
+    victims = []
+    for task_id, pid in attempts:
+        if pid is None:
+            continue
+        try:
+            process = psutil.Process(pid)
+            is_worker = os.getpgid(pid) == pid and any("loky" in part for part in process.cmdline())
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+        if is_worker:
+            log.warning("worker-orphan-killed pid=%d task=%s: its supervisor died while it ran the attempt", pid, task_id)
+            kill_process_group(pid)
+            victims.append(process)
+    deadline = time.monotonic() + timeout
+    while victims and time.monotonic() < deadline:
+        victims = [process for process in victims if _is_running(process)]
+        if victims:
+            time.sleep(0.05)
+
+
+def _is_running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def describe_exit(slot: _Slot) -> str:
     """Describe how a slot's worker ended, with the exit code or signal when loky recorded it."""
     pid = f"pid {slot.pid}" if slot.pid is not None else "a worker that had not reported its pid"
@@ -398,6 +434,4 @@ def _exit_code(slot: _Slot) -> int | None:
 
 
 def _monotonic() -> float:
-    import time
-
     return time.monotonic()

@@ -113,7 +113,7 @@ class EventRecorder:
             self.journal.task_changed(task, attempts, failures, due_wall)
         self._queue(self.hooks.on_retry, (task, attempt, delay))
 
-    def task_finished(self, task: Task, outcome: Outcome, failures: dict[str, int]) -> None:
+    def task_finished(self, task: Task, outcome: Outcome, failures: dict[str, int], retry_due_wall: float | None = None) -> None:
         if self.journal is not None:
             error = outcome.error
             if error is None:
@@ -121,5 +121,5 @@ class EventRecorder:
             else:
                 data = {"state": outcome.state, "attempts": outcome.attempts, "error": {"kind": error.kind, "type": error.type_name, "message": error.message}}
             self.journal.record("task-finished", task.id, data=data)
-            self.journal.task_finished(task, outcome.state, outcome.attempts, failures, outcome.result, error, outcome.duration)
+            self.journal.task_finished(task, outcome.state, outcome.attempts, failures, outcome.result, error, outcome.duration, retry_due_wall)
         self._queue(self.hooks.on_terminal, (task, outcome))

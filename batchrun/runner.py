@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 from batchrun.builtin.story import StoryLog
 from batchrun.errors import ConfigError, UsageError
-from batchrun.journal import Journal, default_journal_path, definition_hash, load_tasks
+from batchrun.journal import Journal, default_journal_path, definition_hash, load_tasks, open_attempts
 from batchrun.plugins import Hooks, create_plugin_manager, default_builtins
-from batchrun.pool import LokyBackend
+from batchrun.pool import LokyBackend, stop_orphaned_workers
 from batchrun.resume import ResumePlan
 from batchrun.supervisor import Supervisor, changed_task_message
 
@@ -95,8 +95,8 @@ def run_batch(
 
     path = resolve_journal_path(config, journal_path)
     if path is None:
-        if resume:
-            raise UsageError("--resume needs a journal, but this run has none; drop --no-journal or [run] journal = false")
+        if resume or events_path is not None:
+            raise UsageError("--resume and --events need a journal, but this run has none; drop --no-journal or [run] journal = false")
         return _supervise(config, hooks, policy_names, grace, worker_log_level, None, None)
 
     with contextlib.ExitStack() as stack:
@@ -161,6 +161,9 @@ def _open_run(config: BatchConfig, journal: Journal, path: Path, *, resume: bool
     if changed:
         problems = [changed_task_message(task_id) for task_id in changed[:20]]
         raise ConfigError("\n".join(problems), path=config_path, problems=problems)
+    # Workers of a killed supervisor stop by themselves within about a
+    # second, but an attempt they still run must not overlap its own rerun.
+    stop_orphaned_workers([(task_id, pid) for _, task_id, _, _, pid in open_attempts(journal.connection, earlier.run_id)])
     journal.resume_run(earlier, config.run.max_concurrent)
     log.info("run-resumed run %d of %r from %s (%d tasks known)", earlier.run_id, name, path, len(previous))
     return plan

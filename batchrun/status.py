@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from batchrun import _config_checks as checks
 from batchrun.errors import ConfigError, UsageError
-from batchrun.journal import JournalError, JournalView, default_journal_path, load_tasks
+from batchrun.journal import JournalError, JournalView, default_journal_path, list_runs, load_tasks
 from batchrun.models import TASK_STATES
 from batchrun.verify import format_event, verify_run
 
@@ -55,8 +55,9 @@ def locate_journal(target: str | None) -> tuple[Path, str | None]:
     return default_journal_path(path, name), name
 
 
-def show_status(target: str | None, output: TextIO = sys.stdout) -> int:
+def show_status(target: str | None, output: TextIO | None = None) -> int:
     """Print a run's tasks by state, attempts, slowest tasks and failures; return the exit code."""
+    output = output if output is not None else sys.stdout
     view, run = _open(target)
     try:
         tasks = load_tasks(view.connection, run.run_id)
@@ -98,8 +99,9 @@ def show_status(target: str | None, output: TextIO = sys.stdout) -> int:
     return 0
 
 
-def write_results(target: str | None, result_format: str, output: TextIO = sys.stdout) -> int:
+def write_results(target: str | None, result_format: str, output: TextIO | None = None) -> int:
     """Write one row per finished task: id, state, attempts, duration and result."""
+    output = output if output is not None else sys.stdout
     view, run = _open(target)
     try:
         tasks = load_tasks(view.connection, run.run_id)
@@ -126,26 +128,38 @@ def write_results(target: str | None, result_format: str, output: TextIO = sys.s
     return 0
 
 
-def verify(target: str | None, output: TextIO = sys.stdout) -> int:
-    """Check the three laws on a run's journal; return 1 when one is broken, else 0."""
-    view, run = _open(target)
+def verify(target: str | None, output: TextIO | None = None) -> int:
+    """Check the three laws on every run in a journal; return 1 when one is broken, else 0.
+
+    With a config file as the target, only the runs of that batch's name are checked.
+    """
+    output = output if output is not None else sys.stdout
+    path, name = locate_journal(target)
+    view = JournalView.open(path)
     try:
-        verdict = verify_run(view.connection, run)
+        runs = [run for run in list_runs(view.connection) if name is None or run.name == name]
+        if not runs:
+            raise JournalError(f"the journal {path} holds no run{f' named {name!r}' if name else ''}")
+        verdicts = [verify_run(view.connection, run) for run in runs]
     finally:
         view.close()
 
     write = output.write
-    write(f"verified run {run.name!r} (run {run.run_id}): {verdict.events} events, {verdict.attempts} attempts, at most {verdict.peak_open} open at once\n")
-    if not verdict.ended:
-        write("  the run has not ended: its supervisor is running or died; resume it to finish its tasks\n")
-    for violation in verdict.violations:
-        write(f"VIOLATION [{violation.law}] {violation.message}\n")
-        for event in violation.events:
-            write(f"    {format_event(event)}\n")
-    if verdict.ok:
+    violations = 0
+    for verdict in verdicts:
+        run = verdict.run
+        write(f"verified run {run.name!r} (run {run.run_id}): {verdict.events} events, {verdict.attempts} attempts, at most {verdict.peak_open} open at once\n")
+        if not verdict.ended:
+            write("  the run has not ended: its supervisor is running or died; resume it to finish its tasks\n")
+        for violation in verdict.violations:
+            write(f"VIOLATION [{violation.law}] {violation.message}\n")
+            for event in violation.events:
+                write(f"    {format_event(event)}\n")
+        violations += len(verdict.violations)
+    if not violations:
         write("all three laws hold\n")
         return 0
-    write(f"{len(verdict.violations)} violation{'s' if len(verdict.violations) != 1 else ''}\n")
+    write(f"{violations} violation{'s' if violations != 1 else ''}\n")
     return 1
 
 

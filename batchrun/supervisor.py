@@ -355,7 +355,8 @@ class Supervisor:
         record.attempts = admission.attempts
         record.failures = admission.failures
         if record.attempts >= task.retry.max_attempts:
-            # --max-attempts was lowered since the earlier session.
+            # A definition with a lower max_attempts counts as changed, so
+            # this guards the journal's own consistency rather than a user path.
             message = f"task {task.id!r} already made {record.attempts} attempts, and max_attempts is now {task.retry.max_attempts}"
             record.last_error = ErrorInfo("exception", "AttemptsExhaustedError", message, "", ("AttemptsExhaustedError",))
             self.finish_task(record, "failed")
@@ -604,7 +605,7 @@ class Supervisor:
             return
         if self.stop_reason is not None:
             # The task would run again, but the run is stopping: it is unfinished.
-            self.finish_task(record, "cancelled")
+            self.finish_task(record, "cancelled", retry_due_wall=time.time() + delay)
             return
         self.recorder.retry_scheduled(record.task, attempt, delay, record.attempts, record.failures)
         if delay <= 0:
@@ -637,14 +638,18 @@ class Supervisor:
             _, _, record = heapq.heappop(self.delayed)
             self.ready.append(record)
 
-    def finish_task(self, record: _TaskRecord, state: str, *, result: Any = None) -> None:
-        """Put a task in its terminal state and fire ``on_terminal``; called once per task."""
+    def finish_task(self, record: _TaskRecord, state: str, *, result: Any = None, retry_due_wall: float | None = None) -> None:
+        """Put a task in its terminal state and fire ``on_terminal``; called once per task.
+
+        :param retry_due_wall: for a task cancelled while a retry was pending,
+            the wall time that retry was due, which a resumed run keeps.
+        """
         self.states[state] += 1
         if state != "succeeded":
             self.unsuccessful.append(record.task.id)
         error = None if state == "succeeded" else record.last_error
         outcome = Outcome(record.task.id, state, record.attempts, result, error, record.last_duration)
-        self.recorder.task_finished(record.task, outcome, record.failures)
+        self.recorder.task_finished(record.task, outcome, record.failures, retry_due_wall)
 
     # -- stopping -----------------------------------------------------------------------
 
@@ -683,12 +688,15 @@ class Supervisor:
     def _cancel_unstarted_tasks(self) -> None:
         cancelled = ErrorInfo("cancelled", "CancelledError", f"the run stopped ({self.stop_reason}) before the task finished", "", ("CancelledError",))
         while self.ready or self.delayed:
+            retry_due_wall = None
             if self.ready:
                 record = self.ready.popleft()
             else:
-                record = heapq.heappop(self.delayed)[2]
+                due, _, record = heapq.heappop(self.delayed)
+                # A resumed run waits out the rest of the delay.
+                retry_due_wall = time.time() + max(0.0, due - self.clock())
             record.last_error = cancelled
-            self.finish_task(record, "cancelled")
+            self.finish_task(record, "cancelled", retry_due_wall=retry_due_wall)
         # Tasks the source has not produced yet end as cancelled too, so every
         # task of the batch is accounted for. A source that produced an
         # invalid table has already been marked exhausted.

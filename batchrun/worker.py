@@ -54,8 +54,8 @@ SKIPPED = "skipped"
 #: (attempt_id, task_id, number, max_attempts, call, args, kwargs, timeout).
 Submission = tuple
 
-#: Seconds between checks that the supervisor is still alive while idle.
-PARENT_CHECK_INTERVAL = 1.0
+#: Seconds between checks that the supervisor is still alive.
+PARENT_CHECK_INTERVAL = 0.5
 
 
 @dataclass(frozen=True, slots=True)
