@@ -118,10 +118,19 @@ class _Slot:
         self.pid: int | None = None
         #: loky's process object of the worker, which records its exit code.
         self.process: Any = None
+        #: File descriptor that turns readable when the worker process exits.
+        self.sentinel: int | None = None
         #: "starting", "ready", "lost" (waiting to be reaped), "reaped" (loss not
         #: yet reported), "down" (loss reported, ready to restart) or "closed".
         self.state = "closed"
         self.lost_reason = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Exited:
+    """Selector data that marks a worker's exit sentinel, as opposed to its pipe."""
+
+    slot: _Slot
 
 
 class LokyBackend(Backend):
@@ -161,7 +170,7 @@ class LokyBackend(Backend):
             executor = loky.ProcessPoolExecutor(
                 max_workers=1,
                 initializer=worker.initialize,
-                initargs=(child_end, self._stop_reader, self.import_paths, self.worker_log_level),
+                initargs=(child_end, self._stop_reader, self.import_paths, self.worker_log_level, os.getpid()),
             )
             future = executor.submit(worker.serve)
         except Exception as error:
@@ -178,6 +187,13 @@ class LokyBackend(Backend):
         slot.state = "starting"
         self._by_connection[parent_end] = slot
         self._selector.register(parent_end, selectors.EVENT_READ, slot)
+
+        # End-of-file on the pipe is not enough to notice a worker's death: a
+        # process the task forked keeps the worker's end open, and loky's
+        # sentinel pipe too. A pidfd turns readable when the worker itself exits.
+        slot.sentinel = _open_exit_watch(slot.process)
+        if slot.sentinel is not None:
+            self._selector.register(slot.sentinel, selectors.EVENT_READ, _Exited(slot))
         future.add_done_callback(lambda _future: self.wake())
         log.debug("worker-starting slot=%d", slot.index)
 
@@ -202,9 +218,27 @@ class LokyBackend(Backend):
             if slot is None:
                 self._drain_wakeups()
                 reports.extend(self._reaped_reports())
-                continue
-            reports.append(self._read_slot(slot, key.fileobj))
+            elif isinstance(slot, _Exited):
+                if slot.slot.connection is not None:
+                    reports.append(self._drain_exited_slot(slot.slot))
+            elif slot.connection is key.fileobj:
+                reports.append(self._read_slot(slot, key.fileobj))
         return reports
+
+    def _drain_exited_slot(self, slot: _Slot) -> SlotEvents:
+        """Read what an exited worker sent before it died, without waiting for more, then mark it lost."""
+        report = SlotEvents(slot.index)
+        connection = slot.connection
+        os.set_blocking(connection.fileno(), False)
+        try:
+            while connection.poll(0):
+                for event in connection.recv():
+                    if event[0] != worker.HELLO:
+                        report.events.append(event)
+        except (EOFError, OSError):
+            pass  # The end of what the worker wrote, or a message it did not finish.
+        self._mark_lost(slot)
+        return report
 
     def _read_slot(self, slot: _Slot, connection: Connection) -> SlotEvents:
         report = SlotEvents(slot.index)
@@ -232,6 +266,7 @@ class LokyBackend(Backend):
             self._selector.unregister(connection)
             connection.close()
         slot.connection = None
+        self._unwatch_exit(slot)
         slot.state = "lost"
         log.debug("worker-lost slot=%d pid=%s", slot.index, slot.pid)
 
@@ -259,6 +294,15 @@ class LokyBackend(Backend):
                 slot.lost_reason = reason
                 slot.state = "reaped"
         self.wake()
+
+    def _unwatch_exit(self, slot: _Slot) -> None:
+        if slot.sentinel is not None:
+            try:
+                self._selector.unregister(slot.sentinel)
+            except (KeyError, ValueError):
+                pass
+            os.close(slot.sentinel)
+            slot.sentinel = None
 
     def _reaped_reports(self) -> list[SlotEvents]:
         reports = []
@@ -350,6 +394,7 @@ class LokyBackend(Backend):
                 self._selector.unregister(slot.connection)
                 slot.connection.close()
                 slot.connection = None
+            self._unwatch_exit(slot)
             slot.state = "closed"
         self._by_connection.clear()
         self._selector.close()
@@ -413,6 +458,22 @@ def describe_exit(slot: _Slot) -> str:
             name = f"signal {-code}"
         return f"worker ({pid}) was killed by {name}"
     return f"worker ({pid}) exited with code {code}"
+
+
+def _open_exit_watch(process: Any) -> int | None:
+    """Return a pidfd of the worker process, which turns readable when it exits; ``None`` where unsupported.
+
+    Without pidfds (Linux before 5.3, macOS) the pipe's end-of-file is the
+    only notice, which a process the task forked can delay until it exits.
+    """
+    pid = getattr(process, "pid", None)
+    if pid is None or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        # Already gone, or pidfds are not allowed here: the pipe still ends.
+        return None
 
 
 def _worker_process(executor: Any) -> Any:

@@ -82,9 +82,9 @@ TIMEOUT_ERROR = ("AttemptTimeoutError", "batchrun.worker.AttemptTimeoutError", "
 @dataclass(slots=True)
 class _TaskRecord:
     task: Task
-    #: Positional and keyword arguments as sent to workers.
-    args: tuple
-    kwargs: dict
+    #: The pickled ``(args, kwargs)`` pair sent to workers, made once per task
+    #: so that arguments which cannot be pickled fail only their own task.
+    arguments: bytes
     #: Number of attempts that started running.
     attempts: int = 0
     last_error: ErrorInfo | None = None
@@ -332,10 +332,23 @@ class Supervisor:
             self._reject_source(ConfigError(f"task {task.id!r}: unknown retry policy {task.retry.policy!r}"))
             return None
 
-        record = _TaskRecord(task, tuple(task.args), dict(task.kwargs))
+        try:
+            arguments = pickle.dumps((tuple(task.args), dict(task.kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as error:  # noqa: BLE001 - pickling user objects can raise almost anything
+            self._fail_unpicklable_arguments(task, error)
+            return None
+        record = _TaskRecord(task, arguments)
         if self.resume is None or not self.resume.is_known(task.id):
             return record
         return self._admit_resumed(record)
+
+    def _fail_unpicklable_arguments(self, task: Task, error: Exception) -> None:
+        """Fail a task whose arguments cannot be pickled; retrying cannot help, so it gets no attempt."""
+        message = f"the arguments of task {task.id!r} cannot be pickled: {type(error).__name__}: {error}"
+        log.error("arguments-unpicklable task=%s: %s", task.id, message)
+        record = _TaskRecord(task, b"")
+        record.last_error = ErrorInfo("payload", "PicklingError", message, "", ("PicklingError",))
+        self.finish_task(record, "failed")
 
     def _admit_resumed(self, record: _TaskRecord) -> _TaskRecord | None:
         task = record.task
@@ -380,30 +393,12 @@ class Supervisor:
         self.in_flight[attempt_id] = _InFlight(record, slot, number)
         self.slots[slot].queued.append(attempt_id)
         task = record.task
-        return (attempt_id, task.id, number, task.retry.max_attempts, task.call, record.args, record.kwargs, task.timeout)
+        return (attempt_id, task.id, number, task.retry.max_attempts, task.call, record.arguments, task.timeout)
 
     def _send_batches(self, batches: dict[int, list[worker.Submission]]) -> None:
+        # Submissions hold only plain values and bytes, so a batch always pickles.
         for slot, batch in batches.items():
-            try:
-                self.backend.submit(slot, batch)
-            except (pickle.PicklingError, TypeError, AttributeError):
-                self._send_one_by_one(slot, batch)
-
-    def _send_one_by_one(self, slot: int, batch: list[worker.Submission]) -> None:
-        """Send a batch that failed to pickle item by item, failing the items that cannot travel."""
-        for submission in batch:
-            try:
-                self.backend.submit(slot, [submission])
-            except (pickle.PicklingError, TypeError, AttributeError) as error:
-                attempt_id = submission[0]
-                self.slots[slot].queued.remove(attempt_id)
-                flight = self.in_flight.pop(attempt_id)
-                message = f"the arguments of task {flight.record.task.id!r} cannot be pickled: {error}"
-                error_info = ErrorInfo("payload", type(error).__name__, message, "", (type(error).__name__,))
-                # Arguments do not change between attempts, so retrying cannot help.
-                flight.record.last_error = error_info
-                log.error("arguments-unpicklable task=%s: %s", flight.record.task.id, message)
-                self.finish_task(flight.record, "failed")
+            self.backend.submit(slot, batch)
 
     # -- events from workers ------------------------------------------------------------
 
@@ -622,7 +617,8 @@ class Supervisor:
         settings = record.task.retry
         kind = error.kind
         record.failures[kind] = record.failures.get(kind, 0) + 1
-        if kind == "cancelled":
+        if kind == "cancelled" or error.type_name == worker.ARGUMENTS_ERROR:
+            # Arguments that a worker cannot unpickle will not unpickle next time either.
             return None
         if attempt.number >= settings.max_attempts:
             return None

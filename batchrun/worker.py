@@ -51,8 +51,13 @@ ENDED = "ended"
 SKIPPED = "skipped"
 
 #: One attempt as the supervisor sends it:
-#: (attempt_id, task_id, number, max_attempts, call, args, kwargs, timeout).
+#: (attempt_id, task_id, number, max_attempts, call, arguments, timeout), where
+#: ``arguments`` is the pickled ``(args, kwargs)`` pair. Keeping the arguments
+#: in their own pickle lets one that fails to unpickle fail only its attempt.
 Submission = tuple
+
+#: Error type name of an attempt whose arguments the worker could not unpickle.
+ARGUMENTS_ERROR = "ArgumentsUnpicklingError"
 
 #: Seconds between checks that the supervisor is still alive.
 PARENT_CHECK_INTERVAL = 0.5
@@ -96,13 +101,14 @@ _connection: Connection | None = None
 _stop_signal: Connection | None = None
 
 
-def initialize(connection: Connection, stop_signal: Connection, import_paths: list[str], log_level: int) -> None:
+def initialize(connection: Connection, stop_signal: Connection, import_paths: list[str], log_level: int, supervisor_pid: int) -> None:
     """Prepare a fresh worker process; loky calls this once at process start.
 
     :param connection: this worker's end of its pipe to the supervisor.
     :param stop_signal: a pipe that turns readable when no new attempt may start.
     :param import_paths: folders to put at the front of ``sys.path``.
     :param log_level: level for the worker's own log records, written to stderr.
+    :param supervisor_pid: the supervisor's pid; the worker exits once it is no longer its parent.
     """
     global _connection, _stop_signal
     _connection = connection
@@ -117,7 +123,11 @@ def initialize(connection: Connection, stop_signal: Connection, import_paths: li
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(CANCEL_SIGNAL, _on_cancel_signal)
-    _watch_parent(os.getppid())
+    # The supervisor's pid comes from the supervisor itself: one killed while
+    # this process started would otherwise leave init as the parent to watch.
+    if os.getppid() != supervisor_pid:
+        os._exit(1)
+    _watch_parent(supervisor_pid)
 
     for path in reversed(import_paths):
         if path not in sys.path:
@@ -215,6 +225,9 @@ class _WorkerLoop:
             return self.connection.recv()
         except EOFError:
             return None
+        except Exception:  # noqa: BLE001 - a message this worker cannot decode leaves it nothing to run
+            logging.getLogger(__name__).exception("worker-receive-failed pid=%d: exiting", os.getpid())
+            os._exit(70)
 
     def send(self, events: list[tuple]) -> None:
         try:
@@ -225,13 +238,21 @@ class _WorkerLoop:
 
     def run_attempt(self, submission: Submission) -> None:
         global _current
-        attempt_id, task_id, number, max_attempts, call, args, kwargs, timeout = submission
+        attempt_id, task_id, number, max_attempts, call, arguments, timeout = submission
 
         # The start notice goes out before the call, so the supervisor counts
         # the attempt as running and starts its clock from the worker's time.
         started = time.monotonic()
         self.outbox.append((BEGAN, attempt_id, started, time.time()))
         self.flush()
+
+        try:
+            args, kwargs = pickle.loads(arguments)
+        except Exception as error:  # noqa: BLE001 - unpickling runs arbitrary reducers
+            message = f"the arguments of task {task_id!r} cannot be unpickled in the worker: {type(error).__name__}: {error}"
+            formatted = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            self.outbox.append((ENDED, attempt_id, time.monotonic(), False, ("payload", ARGUMENTS_ERROR, message, formatted, (ARGUMENTS_ERROR,))))
+            return
 
         _current = AttemptContext(task_id, number, max_attempts)
         stop = _AttemptStop(timeout)
@@ -250,6 +271,12 @@ class _WorkerLoop:
             self.outbox.append((ENDED, attempt_id, time.monotonic(), False, describe_error(error, kind)))
         else:
             ended = time.monotonic()
+            if stop.timed_out:
+                # The task caught its timeout and returned late: the attempt
+                # still ran past its limit, so it counts as timed out.
+                message = f"attempt ran past its timeout of {timeout:g} s; the task caught the timeout and returned late"
+                self.outbox.append((ENDED, attempt_id, ended, False, ("timeout", "AttemptTimeoutError", message, "", _type_names(AttemptTimeoutError))))
+                return
             try:
                 payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as error:  # noqa: BLE001 - pickling can raise almost anything

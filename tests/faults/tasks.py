@@ -141,3 +141,18 @@ def returns_awaitable(value: int = 5):
         return value
 
     return inner()
+
+
+def fork_then_exit(pid_file: str, seconds: float = 6.0, code: int = 3) -> None:
+    """Fork a child that sleeps ``seconds``, record its pid, then end the worker with ``os._exit(code)``.
+
+    The forked child inherits every file descriptor of the worker, its end
+    of the supervisor's pipe included, and keeps them open until it exits.
+    """
+    child = os.fork()
+    if child == 0:
+        time.sleep(seconds)
+        os._exit(0)
+    with open(pid_file, "w", encoding="utf-8") as stream:
+        stream.write(str(child))
+    os._exit(code)
