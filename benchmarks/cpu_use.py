@@ -94,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=40, help="number of tasks (default: 40)")
     parser.add_argument("--millis", type=int, default=250, help="CPU milliseconds per task (default: 250)")
+    parser.add_argument("--write", metavar="FILE", help="also put the results in this Markdown page, replacing its CPU section")
     arguments = parser.parse_args()
     cores = os.cpu_count() or 1
     share, cpu_seconds, wall = measure(arguments.tasks, arguments.millis, cores)
@@ -101,6 +102,36 @@ def main() -> None:
     pool_share, pool_cpu, pool_wall = measure_pool(arguments.tasks, arguments.millis, cores)
     print(f"multiprocessing.Pool: {pool_share:.1%} of {cores} cores ({pool_cpu:.2f} task CPU seconds in {pool_wall:.2f} s wall)")
     print(f"batchrun / Pool = {share / pool_share:.2f}")
+    if arguments.write:
+        lines = [
+            SECTION_TITLE,
+            "",
+            f"Measured with `python -m benchmarks.cpu_use --tasks {arguments.tasks} --millis {arguments.millis}` on"
+            f" {time.strftime('%Y-%m-%d')}, {cores} cores. CPU use is the tasks' own CPU seconds over wall seconds"
+            " times cores, from pool start to pool exit for both contenders.",
+            "",
+            "| contender | CPU use | wall seconds |",
+            "| --- | ---: | ---: |",
+            f"| batchrun | {share:.1%} | {wall:.2f} |",
+            f"| multiprocessing.Pool, chunksize 1 | {pool_share:.1%} | {pool_wall:.2f} |",
+            "",
+            f"batchrun over multiprocessing.Pool, measured in the same run: **{share / pool_share:.2f}x**.",
+            "",
+        ]
+        replace_section(Path(arguments.write), "\n".join(lines))
+
+
+SECTION_TITLE = "## CPU-bound batches"
+
+
+def replace_section(path: Path, section: str) -> None:
+    """Put ``section`` into the page at ``path`` in place of an older CPU section, or at its end."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    start = text.find(SECTION_TITLE)
+    if start >= 0:
+        end = text.find("\n## ", start + len(SECTION_TITLE))
+        text = text[:start] + (text[end + 1 :] if end >= 0 else "")
+    path.write_text(text.rstrip("\n") + "\n\n" + section, encoding="utf-8")
 
 
 if __name__ == "__main__":

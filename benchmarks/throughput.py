@@ -132,8 +132,9 @@ def write_page(path: Path, rows, arguments, ratio: float) -> None:
         f"Measured with `python -m benchmarks.throughput --tasks {arguments.tasks} --workers {arguments.workers}`"
         f" on {time.strftime('%Y-%m-%d')}, Python {platform.python_version()}, {os.cpu_count()} cores"
         f" ({platform.machine()}). Each task returns its argument, so the numbers are pure dispatch overhead."
-        " The batchrun figure covers the whole run: starting the workers, firing every hook, and the story"
-        " log in quiet mode; the others start timing after their workers are up.",
+        " The batchrun figure covers the whole run: starting the workers, tracking every attempt, writing"
+        " every event to the run journal, firing every hook, and the story log in quiet mode. The others"
+        " start timing after their workers are up.",
         "",
         "| contender | tasks/s |",
         "| --- | ---: |",
