@@ -305,11 +305,11 @@ def exception_names(value: Any) -> tuple[str, ...]:
 
 
 def journal_setting(value: Any) -> str | bool:
-    """Check ``journal``: a file path, or false to run without a journal."""
-    if value is False:
-        return False
+    """Check ``journal``: a file path, true for the default path, or false to run without a journal."""
+    if isinstance(value, bool):
+        return value
     if not isinstance(value, str) or not value.strip():
-        _fail("a journal file path, or false to run without a journal", value)
+        _fail("a journal file path, true for the default path, or false to run without a journal", value)
     return value
 
 
