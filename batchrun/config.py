@@ -323,6 +323,8 @@ def _read_retry_keys(problems: Problems, table: Mapping[str, Any], path: KeyPath
     """Return the valid retry keys of ``table`` with their checked values."""
     overrides = {}
     for key, check in _RETRY_CHECKS.items():
+        if key not in table:
+            continue  # most tables set no retry key, and sources may yield thousands of them
         value = read_key(problems, table, path, key, check)
         if value is not None:
             overrides[key] = value

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import select
 import selectors
 import signal
 import threading
@@ -120,6 +121,8 @@ class _Slot:
         self.process: Any = None
         #: File descriptor that turns readable when the worker process exits.
         self.sentinel: int | None = None
+        #: A poll object on the pipe, to check for more messages without waiting.
+        self.poller: Any = None
         #: "starting", "ready", "lost" (waiting to be reaped), "reaped" (loss not
         #: yet reported), "down" (loss reported, ready to restart) or "closed".
         self.state = "closed"
@@ -183,6 +186,10 @@ class LokyBackend(Backend):
         slot.future = future
         slot.process = _worker_process(executor)
         slot.connection = parent_end
+        # Connection.poll() builds a new selector on every call, which costs
+        # more than the message it checks for, so each slot keeps a poll object.
+        slot.poller = select.poll()
+        slot.poller.register(parent_end.fileno(), select.POLLIN)
         slot.pid = None
         slot.state = "starting"
         self._by_connection[parent_end] = slot
@@ -251,7 +258,7 @@ class LokyBackend(Backend):
                         slot.state = "ready"
                     else:
                         report.events.append(event)
-                if not connection.poll():
+                if not slot.poller.poll(0):
                     break
         except (EOFError, OSError):
             # The loss is reported by wait() once the process is reaped, so
