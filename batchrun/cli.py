@@ -10,10 +10,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from batchrun import __version__
-from batchrun.errors import ConfigError, PluginError, UsageError
+from batchrun.errors import ConfigError, PluginError, PoolBrokenError, UsageError
 from batchrun.journal import JournalError
 from batchrun.log import configure_logging
-from batchrun.report import EXIT_OK, EXIT_USAGE, exit_code
+from batchrun.report import EXIT_OK, EXIT_TASKS_FAILED, EXIT_USAGE, exit_code
 
 
 if TYPE_CHECKING:
@@ -157,6 +157,10 @@ def _run(arguments: argparse.Namespace) -> int:
     except (ConfigError, PluginError, UsageError, JournalError) as error:
         print(f"batchrun: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except PoolBrokenError as error:
+        # The tasks that finished are in the journal; the rest could not run.
+        print(f"batchrun: error: {error}; no worker process could be started or kept running", file=sys.stderr)
+        return EXIT_TASKS_FAILED
     return exit_code(summary)
 
 
