@@ -56,6 +56,11 @@ def has_fields(text: str) -> bool:
         return False
 
 
+#: Most tasks one matrix may make. Matrices expand when the file loads, so
+#: that duplicate ids are found before the run, and that costs memory per task.
+MAX_MATRIX_TASKS = 100_000
+
+
 def read_matrix(problems: Problems, item: Mapping[str, Any], path: KeyPath) -> dict[str, list[Any]] | None:
     """Return the checked ``matrix`` of a task table, or ``None`` when it is absent or invalid."""
     if "matrix" not in item:
@@ -78,6 +83,15 @@ def read_matrix(problems: Problems, item: Mapping[str, Any], path: KeyPath) -> d
         elif not isinstance(values, (list, tuple)) or not values:
             problems.add((*key, name), f"expected a non-empty list of values, got {show(values)}")
     if len(problems) > start:
+        return None
+
+    combinations = math.prod(len(values) for values in matrix.values())
+    if combinations > MAX_MATRIX_TASKS:
+        problems.add(
+            key,
+            f"the matrix makes {combinations:,} tasks, more than the {MAX_MATRIX_TASKS:,} one [[tasks]] entry may"
+            " make, because matrices are expanded when the file loads; produce big batches lazily with [[sources]]",
+        )
         return None
     return {name: list(values) for name, values in matrix.items()}
 

@@ -1300,3 +1300,14 @@ def test_max_failures_rejects_invalid_limits(write, value, expected):
 
     assert "[retry].max_failures" in problem
     assert problem.endswith(expected)
+
+
+def test_matrix_too_large_rejected(write):
+    values = ", ".join(str(number) for number in range(500))
+    path = write(f'[[tasks]]\nid = "t-{{a}}-{{b}}"\ncall = "JOBS:work"\nmatrix = {{ a = [{values}], b = [{values}] }}\n')
+
+    problem = single_problem(path)
+
+    assert "tasks[0].matrix" in problem
+    assert "the matrix makes 250,000 tasks, more than the 100,000" in problem
+    assert "[[sources]]" in problem

@@ -11,9 +11,11 @@ Lines start with a capitalised verb and the task id::
 A batch of thousands of short tasks would flood a terminal, so in the default
 ``auto`` mode the STARTING and SUCCEEDED lines are rate-limited: once they
 pass :data:`LINES_PER_SECOND` on average, they give way to a PROGRESS line
-every :data:`PROGRESS_INTERVAL` seconds. Failures, retries and unsuccessful
-tasks are always logged. ``all`` logs every event; ``quiet`` logs only
-failures and the summary.
+every :data:`PROGRESS_INTERVAL` seconds. Failure, retry and unsuccessful-task
+lines have a limit of their own, :data:`PROBLEM_LINES_PER_SECOND`, so a
+thousand failures in a second cannot flood the log either. Tasks cancelled
+before they started are counted and named in one line at the end. ``all``
+logs every event; ``quiet`` logs only failures and the summary.
 """
 
 from __future__ import annotations
@@ -41,6 +43,27 @@ LINE_BURST = 100.0
 PROGRESS_INTERVAL = 5.0
 #: Number of unsuccessful task ids the closing summary names.
 UNSUCCESSFUL_LISTED = 20
+#: Average rate and burst of FAILED, RETRYING and unsuccessful-task lines outside ``all`` mode.
+PROBLEM_LINES_PER_SECOND = 50.0
+PROBLEM_LINE_BURST = 500.0
+
+
+class _TokenBucket:
+    """A rate limit: ``rate`` lines a second on average, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.refilled_at = now
+
+    def allow(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled_at) * self.rate)
+        self.refilled_at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
 
 
 class StoryLog:
@@ -49,9 +72,11 @@ class StoryLog:
     def __init__(self, mode: StoryMode = "auto", clock=time.monotonic) -> None:
         self.mode = mode
         self.clock = clock
-        self.tokens = LINE_BURST
-        self.refilled_at = clock()
+        self.routine_lines = _TokenBucket(LINES_PER_SECOND, LINE_BURST, clock())
+        self.problem_lines = _TokenBucket(PROBLEM_LINES_PER_SECOND, PROBLEM_LINE_BURST, clock())
         self.suppressed = 0
+        self.suppressed_problems = 0
+        self.cancelled_unstarted = 0
         self.progress_at = 0.0
         self.started_at = 0.0
         self.attempts = 0
@@ -82,6 +107,8 @@ class StoryLog:
     @hookimpl
     def on_fail(self, task: Task, attempt: Attempt, error: ErrorInfo) -> None:
         self.ended_attempts += 1
+        if not self._allow_problem_line():
+            return
         log.warning(
             "FAILED %s attempt %d/%d after %s: %s",
             task.id,
@@ -95,7 +122,8 @@ class StoryLog:
 
     @hookimpl
     def on_retry(self, task: Task, attempt: Attempt, delay: float) -> None:
-        log.info("RETRYING %s in %.2f s", task.id, delay)
+        if self._allow_problem_line():
+            log.info("RETRYING %s in %.2f s", task.id, delay)
 
     @hookimpl
     def on_terminal(self, task: Task, outcome: Outcome) -> None:
@@ -113,6 +141,12 @@ class StoryLog:
             return
 
         self.unsuccessful += 1
+        if outcome.state == "cancelled" and outcome.attempts == 0 and self.mode != "all":
+            # A stopped run cancels every task it had not started; the summary counts them.
+            self.cancelled_unstarted += 1
+            return
+        if not self._allow_problem_line():
+            return
         reason = _first_line(str(outcome.error)) if outcome.error else "no attempt ran"
         verb = {"failed": "GAVE UP", "timed-out": "TIMED OUT", "cancelled": "CANCELLED"}[outcome.state]
         plural = "" if outcome.attempts == 1 else "s"
@@ -122,6 +156,13 @@ class StoryLog:
     def on_run_end(self, summary: RunSummary) -> None:
         if self.suppressed:
             log.info("(%d routine lines were left out to keep the log readable; use -v to see every event)", self.suppressed)
+        if self.suppressed_problems:
+            log.warning(
+                "(%d failure and retry lines were left out to keep the log readable; 'batchrun status' lists the failures)",
+                self.suppressed_problems,
+            )
+        if self.cancelled_unstarted:
+            log.warning("CANCELLED %d tasks before they started", self.cancelled_unstarted)
         states = ", ".join(f"{count} {state}" for state, count in summary.states.items())
         stopped = f"; stopped early: {summary.stop_reason}" if summary.stop_reason else ""
         plugin_errors = f"; {summary.plugin_errors} plugin hook errors" if summary.plugin_errors else ""
@@ -147,6 +188,12 @@ class StoryLog:
 
     # -- rate limiting -----------------------------------------------------------------
 
+    def _allow_problem_line(self) -> bool:
+        if self.mode == "all" or self.problem_lines.allow(self.clock()):
+            return True
+        self.suppressed_problems += 1
+        return False
+
     def _allow_routine_line(self) -> bool:
         if self.mode == "all":
             return True
@@ -154,10 +201,7 @@ class StoryLog:
             return False
 
         now = self.clock()
-        self.tokens = min(LINE_BURST, self.tokens + (now - self.refilled_at) * LINES_PER_SECOND)
-        self.refilled_at = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.routine_lines.allow(now):
             return True
 
         self.suppressed += 1
