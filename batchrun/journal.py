@@ -205,6 +205,8 @@ class Journal:
         self._events: list[tuple] = []
         self._task_rows: dict[str, tuple] = {}
         self._task_deletes: list[tuple[int, str]] = []
+        #: Definition hashes of the tasks with an attempt started and no terminal state yet.
+        self._digests: dict[str, str] = {}
         self._lock_file = _acquire_lock(self.path)
         try:
             self.connection = open_database(self.path, create=True)
@@ -259,7 +261,7 @@ class Journal:
         self.run_id = run.run_id
         self.connection.execute("UPDATE runs SET status = 'running', stop_reason = NULL, ended_wall = NULL WHERE run_id = ?", (run.run_id,))
         self._start_session(max_concurrent)
-        for session_id, task_id, attempt, attempt_id, _ in open_attempts(self.connection, run.run_id):
+        for session_id, task_id, attempt, attempt_id, _, _ in open_attempts(self.connection, run.run_id):
             reason = "the supervisor stopped while the attempt ran; it is not charged"
             self.record("attempt-interrupted", task_id, attempt=attempt, attempt_id=attempt_id, data={"session_id": session_id, "reason": reason})
         self.record("run-resumed", data={"session_id": self.session_id})
@@ -293,7 +295,7 @@ class Journal:
 
     def task_changed(self, task: Task, attempts: int, failures: dict[str, int], retry_due_wall: float | None) -> None:
         """Queue the attempt count, failures and retry due time of a task that will run again."""
-        row = (self.run_id, task.id, definition_hash(task), attempts, json.dumps(failures), retry_due_wall, None, None, None, None, None, None)
+        row = (self.run_id, task.id, self.digest_of(task), attempts, json.dumps(failures), retry_due_wall, None, None, None, None, None, None)
         self._task_rows[task.id] = row
 
     def task_finished(self, task: Task, state: str, attempts: int, failures: dict[str, int], result: Any, error: ErrorInfo | None, duration: float, retry_due_wall: float | None = None) -> None:
@@ -305,12 +307,21 @@ class Journal:
         if state == "succeeded":
             result_format, text = encode_result(result, self.max_result_bytes)
         failures_text = json.dumps(failures) if failures else "{}"
-        row = (self.run_id, task.id, definition_hash(task), attempts, failures_text, retry_due_wall, state, result_format, text, error_to_json(error), duration, time.time())
+        digest = self._digests.pop(task.id, None) or definition_hash(task)
+        row = (self.run_id, task.id, digest, attempts, failures_text, retry_due_wall, state, result_format, text, error_to_json(error), duration, time.time())
         self._task_rows[task.id] = row
+
+    def digest_of(self, task: Task) -> str:
+        """Return the task's definition hash, computed once while the task is unfinished."""
+        digest = self._digests.get(task.id)
+        if digest is None:
+            digest = self._digests[task.id] = definition_hash(task)
+        return digest
 
     def task_reset(self, task: Task) -> None:
         """Forget a task's progress so it runs again from its first attempt."""
         self._task_rows.pop(task.id, None)
+        self._digests.pop(task.id, None)
         self._task_deletes.append((self.run_id, task.id))
 
     def flush(self) -> None:
@@ -490,9 +501,13 @@ def load_tasks(connection: sqlite3.Connection, run_id: int) -> dict[str, TaskRec
     return tasks
 
 
-def open_attempts(connection: sqlite3.Connection, run_id: int) -> list[tuple[int, str, int, int, int | None]]:
-    """Return ``(session_id, task_id, attempt, attempt_id, pid)`` of every attempt of a run that started and never closed."""
-    open_by_key: dict[tuple[int, int], tuple[int, str, int, int, int | None]] = {}
+def open_attempts(connection: sqlite3.Connection, run_id: int) -> list[tuple[int, str, int, int, int | None, str | None]]:
+    """Return every attempt of a run that started and never closed.
+
+    Each is ``(session_id, task_id, attempt, attempt_id, pid, definition_hash)``;
+    the hash is the task's definition when the attempt started.
+    """
+    open_by_key: dict[tuple[int, int], tuple[int, str, int, int, int | None, str | None]] = {}
     rows = connection.execute(
         "SELECT session_id, event, task_id, attempt, attempt_id, pid, data FROM events WHERE run_id = ?"
         " AND event IN ('attempt-started', 'attempt-ended', 'attempt-interrupted') ORDER BY seq",
@@ -501,7 +516,8 @@ def open_attempts(connection: sqlite3.Connection, run_id: int) -> list[tuple[int
     for row in rows:
         key = (row["session_id"], row["attempt_id"])
         if row["event"] == "attempt-started":
-            open_by_key[key] = (row["session_id"], row["task_id"], row["attempt"], row["attempt_id"], row["pid"])
+            digest = json.loads(row["data"]).get("definition") if row["data"] else None
+            open_by_key[key] = (row["session_id"], row["task_id"], row["attempt"], row["attempt_id"], row["pid"], digest)
         elif row["event"] == "attempt-interrupted":
             # The interrupting session names the session the attempt ran in.
             started_in = json.loads(row["data"]).get("session_id")

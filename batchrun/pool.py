@@ -108,6 +108,10 @@ class Backend(ABC):
         """Stop every worker: ask them to exit, wait ``grace`` seconds, then kill what is left."""
 
 
+#: Longest single wait for events, in seconds.
+MAX_WAIT_SECONDS = 3600.0
+
+
 class _Slot:
     """One worker process with its executor, pipe and state."""
 
@@ -217,8 +221,10 @@ class LokyBackend(Backend):
             log.debug("submit-failed slot=%d", slot)
 
     def wait(self, timeout: float | None) -> list[SlotEvents]:
-        if timeout is not None and timeout < 0:
-            timeout = 0
+        if timeout is not None:
+            # epoll takes at most 2**31 - 1 ms; the caller recomputes its
+            # timeout after every wake-up, so an hour at a time is enough.
+            timeout = min(max(timeout, 0.0), MAX_WAIT_SECONDS)
         reports: list[SlotEvents] = []
         for key, _ in self._selector.select(timeout):
             slot = key.data

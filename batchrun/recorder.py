@@ -92,7 +92,10 @@ class EventRecorder:
 
     def attempt_started(self, task: Task, attempt: Attempt, attempt_id: int, slot: int) -> None:
         if self.journal is not None:
-            self.journal.record("attempt-started", task.id, attempt=attempt.number, attempt_id=attempt_id, slot=slot, pid=attempt.pid, mono=attempt.started_at)
+            # The definition hash lets a resumed run notice that a task whose
+            # attempt was cut short has changed since, although it has no row yet.
+            data = f'{{"definition": "{self.journal.digest_of(task)}"}}'
+            self.journal.record("attempt-started", task.id, attempt=attempt.number, attempt_id=attempt_id, slot=slot, pid=attempt.pid, mono=attempt.started_at, data=data)
         self._queue(self.hooks.on_start, (task, attempt))
 
     def attempt_succeeded(self, task: Task, attempt: Attempt, attempt_id: int, slot: int, ended_at: float) -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from batchrun.builtin.story import StoryLog
 from batchrun.errors import ConfigError, UsageError
-from batchrun.journal import Journal, default_journal_path, definition_hash, load_tasks, open_attempts
+from batchrun.journal import Journal, TaskRecord, default_journal_path, definition_hash, load_tasks, open_attempts
 from batchrun.plugins import Hooks, create_plugin_manager, default_builtins
 from batchrun.pool import LokyBackend, stop_orphaned_workers
 from batchrun.resume import ResumePlan
@@ -156,6 +156,11 @@ def _open_run(config: BatchConfig, journal: Journal, path: Path, *, resume: bool
     # Check for changed tasks before the journal records anything, so a
     # rejected resume leaves the run exactly as it was.
     previous = load_tasks(journal.connection, earlier.run_id)
+    interrupted = open_attempts(journal.connection, earlier.run_id)
+    for _, task_id, _, _, _, digest in interrupted:
+        if task_id not in previous and digest is not None:
+            # Only the cut-short attempt recorded this task: it has no charged attempt to carry on.
+            previous[task_id] = TaskRecord(task_id, digest, attempts=0, failures={}, retry_due_wall=None, state=None)
     plan = ResumePlan(previous, retry_failed=retry_failed, rerun_changed=rerun_changed)
     changed = [task.id for task in config.tasks if plan.admit(task.id, definition_hash(task)).action == "changed"]
     if changed:
@@ -163,7 +168,7 @@ def _open_run(config: BatchConfig, journal: Journal, path: Path, *, resume: bool
         raise ConfigError("\n".join(problems), path=config_path, problems=problems)
     # Workers of a killed supervisor stop by themselves within about a
     # second, but an attempt they still run must not overlap its own rerun.
-    stop_orphaned_workers([(task_id, pid) for _, task_id, _, _, pid in open_attempts(journal.connection, earlier.run_id)])
+    stop_orphaned_workers([(task_id, pid) for _, task_id, _, _, pid, _ in interrupted])
     journal.resume_run(earlier, config.run.max_concurrent)
     log.info("run-resumed run %d of %r from %s (%d tasks known)", earlier.run_id, name, path, len(previous))
     return plan

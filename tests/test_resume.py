@@ -820,3 +820,47 @@ def test_resume_orphaned_workers_exit_after_sigkill(make_config, tmp_path):
 
     assert len(pids) == 4, "both tasks must have started a child before the kill"
     assert left == [], f"workers or their children still running {ORPHAN_EXIT_TIMEOUT} s after the supervisor died: {left}"
+
+
+@pytest.mark.timeout(90)
+def test_resume_notices_change_of_interrupted_task(make_config, tmp_path):
+    # The task's only record is its first attempt, cut short by the kill:
+    # the journal has no task row for it, only the attempt's start.
+    log = tmp_path / "records.jsonl"
+    text = f"""
+        [run]
+        name = "interrupted-change"
+        max_concurrent = 1
+
+        [[tasks]]
+        id = "long"
+        call = "tests.probe:record"
+        kwargs = {{ log = {json.dumps(str(log))}, sleep = SLEEP }}
+        """
+    config = make_config(text.replace("SLEEP", "5.0"))
+    process = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(config), "-q"], cwd=ROOT)
+    journal = tmp_path / ".batchrun" / "interrupted-change.sqlite"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _attempt_started(journal):
+        time.sleep(0.05)
+    process.kill()
+    process.wait(10)
+
+    make_config(text.replace("SLEEP", "0.1"))
+    resumed = subprocess.run([sys.executable, "-m", "batchrun", "run", str(config), "--resume", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    assert resumed.returncode == 2, resumed.stderr
+    assert "task 'long' changed since the journal recorded it" in resumed.stderr
+
+
+def _attempt_started(journal) -> bool:
+    if not journal.exists():
+        return False
+    try:
+        connection = sqlite3.connect(f"{journal.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return connection.execute("SELECT COUNT(*) FROM events WHERE event = 'attempt-started'").fetchone()[0] > 0
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return False

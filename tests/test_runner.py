@@ -773,3 +773,34 @@ def test_policy_plugin_invalid_delay_stops_retries(make_config, recorder, tmp_pa
     assert retry_events(recorder) == {}
     assert recorder.outcomes()["stopped"].state == "failed"
     assert summary.plugin_errors == 1, "the invalid delay is counted as a plugin error"
+
+
+@pytest.mark.timeout(60)
+def test_retry_delay_of_weeks_waits_without_error(make_config, recorder, tmp_path):
+    # epoll accepts at most about 24.8 days per wait, and a delay past that
+    # once crashed the supervisor with OverflowError.
+    log = tmp_path / "records.jsonl"
+    config_path = make_config(
+        f"""
+        [run]
+        deadline = 2.0
+
+        [retry]
+        policy = "fixed"
+        delay = 3000000.0
+        max_delay = 3000000.0
+        jitter = false
+
+        [[tasks]]
+        id = "waits-weeks"
+        call = "tests.probe:record"
+        kwargs = {{ log = {json.dumps(str(log))}, fail_attempts = 1 }}
+        """
+    )
+
+    summary = run_recorded(config_path, recorder)
+
+    outcome = recorder.outcomes()["waits-weeks"]
+    assert summary.stop_reason == "deadline"
+    assert outcome.state == "cancelled"
+    assert outcome.attempts == 1
