@@ -13,7 +13,7 @@ from batchrun import __version__
 from batchrun.errors import ConfigError, PluginError, PoolBrokenError, UsageError
 from batchrun.journal import JournalError
 from batchrun.log import configure_logging
-from batchrun.report import EXIT_OK, EXIT_TASKS_FAILED, EXIT_USAGE, exit_code
+from batchrun.report import EXIT_OK, EXIT_SIGINT, EXIT_TASKS_FAILED, EXIT_USAGE, exit_code
 
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     journal.add_argument("--events", metavar="FILE", help="also append every journal event to FILE as JSON Lines")
     run.add_argument("--grace", type=_non_negative_float, default=10.0, metavar="SECONDS", help="seconds running attempts get to finish after SIGINT or SIGTERM (default: 10)")
     verbosity = run.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="log every event (-vv adds debug details and worker logs)")
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="log every event and the workers' own log records (-vv adds debug details and tracebacks)")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="log only failures")
 
     target_help = "a batch's TOML file or its journal (default: the one journal in ./.batchrun/)"
@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before the run installed its own handler, or after it ended.
+        print("batchrun: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         arguments = build_parser().parse_args(argv)
     except UsageError as error:

@@ -75,7 +75,7 @@ class RunSettings:
     max_concurrent: int = field(default_factory=_default_max_concurrent)
     #: Seconds an attempt may run, or ``None`` for no limit.
     timeout: float | None = None
-    #: Seconds a stopped worker gets between SIGTERM and SIGKILL.
+    #: Seconds an attempt gets between its soft stop (timeout or cancel, raised inside the task) and the kill.
     timeout_grace: float = 3.0
     #: Seconds the whole run may take, or ``None`` for no limit.
     deadline: float | None = None
@@ -141,9 +141,9 @@ class BatchConfig:
         the iterator reaches it, and each task table it returns is checked
         when it is pulled.
 
-        :raises ConfigError: when a source returns something other than an
-            iterable, an invalid task table, or a task id already used. An
-            exception raised by the source function itself propagates unchanged.
+        :raises ConfigError: when a source raises, returns something other
+            than an iterable, yields an invalid task table, or yields a task
+            id already used. The message names the source.
         """
         yield from self.tasks
         if not self.sources:
@@ -158,7 +158,10 @@ class BatchConfig:
         for source_index, source in enumerate(self.sources):
             source_path: KeyPath = ("sources", source_index)
             function = resolve_callable(source.call, where=_where(label, (*source_path, "call")))
-            items = function(*source.args, **source.kwargs)
+            try:
+                items = function(*source.args, **source.kwargs)
+            except Exception as error:
+                checks.raise_one(label, f"{format_key(source_path)}: {source.call!r} raised {type(error).__name__}: {error}")
             if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
                 checks.raise_one(
                     label,
@@ -166,7 +169,7 @@ class BatchConfig:
                     f" of task tables, got {show(items)}",
                 )
 
-            for item_index, item in enumerate(items):
+            for item_index, item in enumerate(_guarded(items, label, source_path, source.call)):
                 item_path: KeyPath = (*source_path, item_index)
                 problems = Problems(label)
                 tasks = _read_task_table(problems, item, item_path, context)
@@ -177,6 +180,25 @@ class BatchConfig:
                     used[task.id] = item_path
                 problems.raise_if_any()
                 yield from tasks
+
+
+def _guarded(items: Iterable[Any], label: str | None, source_path: KeyPath, call: str) -> Iterator[Any]:
+    """Yield from a source's iterable, turning an exception it raises into a ConfigError that names the source."""
+    iterator = iter(items)
+    produced = 0
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except Exception as error:
+            checks.raise_one(
+                label,
+                f"{format_key(source_path)}: {call!r} raised {type(error).__name__} after producing"
+                f" {produced} task tables: {error}",
+            )
+        produced += 1
+        yield item
 
 
 def load_config(

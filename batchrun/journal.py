@@ -169,6 +169,9 @@ def definition_hash(task: Task) -> str:
 
 def encode_result(value: Any, max_bytes: int) -> tuple[str, str]:
     """Return ``(format, text)`` for storing a task result; see the module docstring."""
+    if isinstance(value, (bytes, bytearray, str)) and len(value) > max_bytes:
+        # Neither JSON nor a repr of it could fit, and building either would copy it.
+        return "omitted", json.dumps({"type": type(value).__qualname__, "length": len(value), "max_result_bytes": max_bytes})
     try:
         text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
@@ -182,7 +185,7 @@ def encode_result(value: Any, max_bytes: int) -> tuple[str, str]:
     if len(described.encode()) <= max_bytes:
         return "repr", described
     size = len(text) if text is not None else len(described)
-    return "omitted", json.dumps({"type": type(value).__qualname__, "chars": size, "max_result_bytes": max_bytes})
+    return "omitted", json.dumps({"type": type(value).__qualname__, "text_length": size, "max_result_bytes": max_bytes})
 
 
 def error_to_json(error: ErrorInfo | None) -> str | None:
@@ -454,6 +457,20 @@ def _acquire_lock(path: Path) -> Any:
     stream.write(f"batchrun pid {os.getpid()}")
     stream.flush()
     return stream
+
+
+def is_in_use(path: Path) -> bool:
+    """Return whether a live supervisor holds the journal's lock."""
+    lock_path = path.with_name(path.name + ".lock")
+    if not lock_path.exists():
+        return False
+    with open(lock_path, "a+", encoding="utf-8") as stream:
+        try:
+            fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(stream.fileno(), fcntl.LOCK_UN)
+    return False
 
 
 def _run_from_row(row: sqlite3.Row) -> RunRecord:

@@ -196,7 +196,7 @@ class Hooks:
         for plugin_name, function, argnames in self._callers[hook_name]:
             try:
                 function(*[arguments[name] for name in argnames])
-            except BaseException as error:  # noqa: BLE001 - not even sys.exit() in a plugin may end the run
+            except (Exception, SystemExit) as error:  # noqa: BLE001 - not even sys.exit() in a plugin may end the run
                 self._record_failure(plugin_name, hook_name, error)
 
     def _record_failure(self, plugin_name: str, hook_name: str, error: BaseException) -> None:
@@ -234,7 +234,7 @@ class Hooks:
         """Return the policy's delay in seconds, or ``None`` to stop; a broken policy stops the retries."""
         try:
             delay = self.manager.hook.retry_delay(task=task, attempt=attempt, error=error)
-        except BaseException as failure:  # noqa: BLE001 - a broken policy, even one calling sys.exit(), stops this task's retries only
+        except (Exception, SystemExit) as failure:  # noqa: BLE001 - a broken policy, even one calling sys.exit(), stops this task's retries only
             self.errors += 1
             log.error(
                 "retry-policy-failed task=%s attempt=%d/%d policy=%s error=%s: %s; the task will not be retried",

@@ -127,6 +127,8 @@ class _Slot:
         self.sentinel: int | None = None
         #: A poll object on the pipe, to check for more messages without waiting.
         self.poller: Any = None
+        #: Why batchrun itself killed the worker, when it did.
+        self.kill_note = ""
         #: "starting", "ready", "lost" (waiting to be reaped), "reaped" (loss not
         #: yet reported), "down" (loss reported, ready to restart) or "closed".
         self.state = "closed"
@@ -189,6 +191,7 @@ class LokyBackend(Backend):
         slot.executor = executor
         slot.future = future
         slot.process = _worker_process(executor)
+        slot.kill_note = ""
         slot.connection = parent_end
         # Connection.poll() builds a new selector on every call, which costs
         # more than the message it checks for, so each slot keeps a poll object.
@@ -293,6 +296,10 @@ class LokyBackend(Backend):
         # group too, which ends any process the task started.
         pid = slot.pid if slot.pid is not None else getattr(slot.process, "pid", None)
         if pid is not None:
+            if slot.process is not None and slot.process.exitcode is None and psutil.pid_exists(pid) and not _is_zombie_pid(pid):
+                # Still running with its pipe closed (a task that closed file
+                # descriptors, say): the SIGKILL below is batchrun's own.
+                slot.kill_note = "its pipe to the supervisor closed while it still ran, so batchrun killed it"
             kill_process_group(pid)
         try:
             executor.shutdown(wait=True, kill_workers=True)
@@ -451,6 +458,13 @@ def stop_orphaned_workers(attempts: list[tuple[str, int | None]], timeout: float
             time.sleep(0.05)
 
 
+def _is_zombie_pid(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
 def _is_running(process: psutil.Process) -> bool:
     try:
         return process.status() != psutil.STATUS_ZOMBIE
@@ -462,6 +476,8 @@ def describe_exit(slot: _Slot) -> str:
     """Describe how a slot's worker ended, with the exit code or signal when loky recorded it."""
     pid = f"pid {slot.pid}" if slot.pid is not None else "a worker that had not reported its pid"
     code = _exit_code(slot)
+    if slot.kill_note:
+        return f"worker ({pid}) ended: {slot.kill_note}"
     if code is None:
         return f"worker ({pid}) exited"
     if code < 0:

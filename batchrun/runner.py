@@ -54,8 +54,13 @@ def check_policy_names(config: BatchConfig, known: set[str]) -> None:
 
 def _unknown_policy_text(policy: str, known: set[str]) -> str:
     close = difflib.get_close_matches(policy, sorted(known), n=1)
-    hint = f"did you mean {close[0]!r}?" if close else f"known policies: {', '.join(sorted(known))}"
-    return f"unknown retry policy {policy!r}; {hint} A plugin that registers a policy must be listed in [run].plugins"
+    if close:
+        hint = f"did you mean {close[0]!r}?"
+    elif known:
+        hint = f"the known policies are {', '.join(sorted(known))}."
+    else:
+        hint = "no retry policy is registered, because every policy plugin is disabled."
+    return f"unknown retry policy {policy!r}; {hint} A plugin that adds a policy must be loaded from [run].plugins, -p or an entry point"
 
 
 def run_batch(

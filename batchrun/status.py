@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from batchrun import _config_checks as checks
 from batchrun.errors import ConfigError, UsageError
-from batchrun.journal import JournalError, JournalView, default_journal_path, list_runs, load_tasks
+from batchrun.journal import JournalError, JournalView, default_journal_path, is_in_use, list_runs, load_tasks, open_attempts
 from batchrun.models import TASK_STATES
 from batchrun.verify import format_event, verify_run
 
@@ -61,13 +61,15 @@ def show_status(target: str | None, output: TextIO | None = None) -> int:
     view, run = _open(target)
     try:
         tasks = load_tasks(view.connection, run.run_id)
+        # A task whose only record is an attempt still open has no task row yet.
+        in_flight = {task_id for _, task_id, _, _, _, _ in open_attempts(view.connection, run.run_id)} - set(tasks)
         attempts = view.connection.execute("SELECT COUNT(*) FROM events WHERE run_id = ? AND event = 'attempt-started'", (run.run_id,)).fetchone()[0]
         sessions = view.connection.execute("SELECT COUNT(*) FROM sessions WHERE run_id = ?", (run.run_id,)).fetchone()[0]
     finally:
         view.close()
 
     counts = dict.fromkeys(TASK_STATES, 0)
-    unfinished = 0
+    unfinished = len(in_flight)
     for task in tasks.values():
         if task.state in counts:
             counts[task.state] += 1
@@ -76,7 +78,10 @@ def show_status(target: str | None, output: TextIO | None = None) -> int:
 
     write = output.write
     stopped = f", stopped by {run.stop_reason}" if run.stop_reason else ""
-    write(f"run {run.name!r} (run {run.run_id} in {view.path}): {run.status}{stopped}\n")
+    status = run.status
+    if status == "running" and not is_in_use(view.path):
+        status = "interrupted (its supervisor is gone; continue it with 'batchrun run CONFIG --resume')"
+    write(f"run {run.name!r} (run {run.run_id} in {view.path}): {status}{stopped}\n")
     write(f"  started {_when(run.created_wall)}, {sessions} supervisor session{'s' if sessions != 1 else ''}")
     write(f", ended {_when(run.ended_wall)}\n" if run.ended_wall else "\n")
     states = ", ".join(f"{count} {state}" for state, count in counts.items())

@@ -71,6 +71,11 @@ log = logging.getLogger(__name__)
 PREFETCH_SECONDS = 0.002
 MAX_PREFETCH = 64
 
+#: Most tasks a stopping run reads from its sources only to cancel them, and
+#: the most seconds it spends doing so: a source may be endless.
+MAX_CANCELLED_UNREAD = 100_000
+MAX_CANCEL_SECONDS = 10.0
+
 #: A slot whose worker dies this many times in a row before it reports its pid
 #: means workers cannot start at all, and the run stops.
 MAX_FAILED_WORKER_STARTS = 3
@@ -592,6 +597,7 @@ class Supervisor:
             self.finish_task(record, "failed")
             return
         attempt = dataclasses.replace(attempt, ended_at=ended_at)
+        record.last_duration = attempt.duration or 0.0
         self.recorder.attempt_failed(record.task, attempt, attempt_id, flight.slot, ended_at, error)
 
         delay = self._retry_delay(record, attempt, error)
@@ -695,13 +701,25 @@ class Supervisor:
             self.finish_task(record, "cancelled", retry_due_wall=retry_due_wall)
         # Tasks the source has not produced yet end as cancelled too, so every
         # task of the batch is accounted for. A source that produced an
-        # invalid table has already been marked exhausted.
+        # invalid table has already been marked exhausted. A source may be
+        # endless, so reading it stops after a bound; a resumed run reads on.
+        drained = 0
+        started = self.clock()
         while not self.source_exhausted:
+            if drained >= MAX_CANCELLED_UNREAD or self.clock() - started > MAX_CANCEL_SECONDS or self.pending_signals:
+                log.warning(
+                    "source-not-read after cancelling %d tasks it had not produced yet, the run stops reading its task"
+                    " sources; tasks they still hold were not read and are not counted (resume the run to read them)",
+                    drained,
+                )
+                self.source_exhausted = True
+                break
             record = self._next_ready_record()
             if record is None:
                 break
             record.last_error = cancelled
             self.finish_task(record, "cancelled")
+            drained += 1
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         previous: dict[int, Any] = {}

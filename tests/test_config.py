@@ -1311,3 +1311,20 @@ def test_matrix_too_large_rejected(write):
     assert "tasks[0].matrix" in problem
     assert "the matrix makes 250,000 tasks, more than the 100,000" in problem
     assert "[[sources]]" in problem
+
+
+def test_source_that_raises_is_named(write, jobs, tmp_path):
+    (tmp_path / "raising_source_module.py").write_text(
+        f"def tasks():\n    yield {{'id': 'a', 'call': '{jobs}:work'}}\n    raise RuntimeError('source broke')\n",
+        encoding="utf-8",
+    )
+    path = write('[[sources]]\ncall = "raising_source_module:tasks"\n')
+    config = load_config(path)
+    tasks = config.iter_tasks()
+
+    next(tasks)
+    with pytest.raises(ConfigError) as caught:
+        next(tasks)
+
+    assert "sources[0]" in str(caught.value)
+    assert "'raising_source_module:tasks' raised RuntimeError after producing 1 task tables: source broke" in str(caught.value)

@@ -396,7 +396,7 @@ def test_journal_omits_result_above_max_result_bytes(results_journal):
     assert result_format == "omitted"
     assert description["type"] == "str"
     assert description["max_result_bytes"] == 64
-    assert description["chars"] >= 500
+    assert description["length"] >= 500
     assert "xxxx" not in text
 
 
@@ -761,7 +761,7 @@ def test_journal_torn_log_tail_keeps_committed_rows(make_config, tmp_path):
     assert finished, f"no task finished before the kill: {killed_stderr}"
     assert rows_before, "the torn copy lost every committed row"
     assert status.returncode == 0, status.stderr
-    assert "running" in status.stdout
+    assert "interrupted" in status.stdout
     assert resumed.returncode == 0, resumed.stderr
     assert verify.returncode == 0, verify.stdout
     assert rows_after[: len(rows_before)] == rows_before, "resuming changed or deleted rows the torn journal kept"

@@ -91,10 +91,10 @@ class StoryLog:
         self.started_at = self.clock()
         self.progress_at = self.started_at + PROGRESS_INTERVAL
         log.info(
-            "RUN %s: up to %d attempts at once on %d worker processes (plugins: %s)",
+            "RUN %s: up to %s at once on %s (plugins: %s)",
             run.name,
-            run.max_concurrent,
-            run.workers,
+            _count(run.max_concurrent, "attempt"),
+            _count(run.workers, "worker process", "worker processes"),
             ", ".join(run.plugins) or "none",
         )
 
@@ -162,18 +162,18 @@ class StoryLog:
                 self.suppressed_problems,
             )
         if self.cancelled_unstarted:
-            log.warning("CANCELLED %d tasks before they started", self.cancelled_unstarted)
+            log.warning("CANCELLED %s before they started", _count(self.cancelled_unstarted, "task"))
         states = ", ".join(f"{count} {state}" for state, count in summary.states.items())
         stopped = f"; stopped early: {summary.stop_reason}" if summary.stop_reason else ""
         plugin_errors = f"; {summary.plugin_errors} plugin hook errors" if summary.plugin_errors else ""
         level = logging.INFO if summary.succeeded and not summary.stop_reason else logging.WARNING
         log.log(
             level,
-            "SUMMARY %s: %d tasks (%s); %d attempts; peak %d running of %d allowed; %.2f s wall%s%s",
+            "SUMMARY %s: %s (%s); %s; peak %d running of %d allowed; %.2f s wall%s%s",
             summary.name,
-            summary.tasks,
+            _count(summary.tasks, "task"),
             states,
-            summary.attempts,
+            _count(summary.attempts, "attempt"),
             summary.peak_running,
             summary.max_concurrent,
             summary.wall_seconds,
@@ -216,6 +216,11 @@ class StoryLog:
                 self.attempts / elapsed,
             )
         return False
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    word = singular if number == 1 else (plural or f"{singular}s")
+    return f"{number} {word}"
 
 
 def _milliseconds(seconds: float) -> str:
