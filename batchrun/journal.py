@@ -4,8 +4,9 @@ The supervisor writes each event here, and commits it, before the hooks for
 it fire, so what a plugin reports is always on disk first. Events of one
 supervisor loop turn share one transaction, which keeps the cost per attempt
 small. The file uses SQLite's write-ahead log, so a reader (``batchrun
-status``) never blocks the writer, and a supervisor killed at any point
-leaves every committed event intact.
+status``) does not block the writer, and a supervisor killed at any point
+leaves every committed event intact (a power cut can lose the last commits,
+because commits do not wait for the disk: ``synchronous=NORMAL``).
 
 Tables:
 
@@ -560,7 +561,7 @@ class JournalView:
         if name is not None:
             runs = [run for run in runs if run.name == name]
         if not runs:
-            raise JournalError(f"the journal {self.path} holds no run{f' named {name!r}' if name else ''}")
+            raise JournalError(f"the journal {self.path} contains no run{f' named {name!r}' if name else ''}")
         return runs[-1]
 
     def close(self) -> None:

@@ -157,7 +157,7 @@ def _open_run(config: BatchConfig, journal: Journal, path: Path, *, resume: bool
 
     earlier = journal.latest_run(name)
     if earlier is None:
-        raise UsageError(f"--resume: the journal {path} holds no run named {name!r}; run without --resume to start one")
+        raise UsageError(f"--resume: the journal {path} contains no run named {name!r}; run without --resume to start one")
     # Check for changed tasks before the journal records anything, so a
     # rejected resume leaves the run exactly as it was.
     previous = load_tasks(journal.connection, earlier.run_id)

@@ -144,7 +144,7 @@ def verify(target: str | None, output: TextIO | None = None) -> int:
     try:
         runs = [run for run in list_runs(view.connection) if name is None or run.name == name]
         if not runs:
-            raise JournalError(f"the journal {path} holds no run{f' named {name!r}' if name else ''}")
+            raise JournalError(f"the journal {path} contains no run{f' named {name!r}' if name else ''}")
         verdicts = [verify_run(view.connection, run) for run in runs]
     finally:
         view.close()

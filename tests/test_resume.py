@@ -716,7 +716,7 @@ def test_resume_without_run_in_journal_exits_2(make_config, tmp_path):
     result = run_cli("run", config_path, "--resume")
 
     assert result.returncode == 2, result.stderr
-    assert "holds no run named 'never'" in result.stderr
+    assert "contains no run named 'never'" in result.stderr
     assert read_records(log) == []
 
 

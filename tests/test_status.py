@@ -331,7 +331,7 @@ def test_status_config_names_run_absent_from_journal(report_run, tmp_path):
     with pytest.raises(JournalError) as raised:
         status.show_status(str(config_path), output=io.StringIO())
 
-    assert "holds no run named 'other'" in str(raised.value)
+    assert "contains no run named 'other'" in str(raised.value)
 
 
 @pytest.mark.timeout(60)
