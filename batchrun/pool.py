@@ -258,6 +258,9 @@ class LokyBackend(Backend):
 
     def _read_slot(self, slot: _Slot, connection: Connection) -> SlotEvents:
         report = SlotEvents(slot.index)
+        # NOTE: recv() blocks until a whole message has arrived. A worker that
+        # dies halfway through a message while a process its task forked keeps
+        # the pipe open leaves this call waiting until that process exits.
         try:
             while True:
                 events = connection.recv()
