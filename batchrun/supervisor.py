@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 #: tasks; long tasks get no queue, so no attempt waits behind a slow one.
 PREFETCH_SECONDS = 0.002
 MAX_PREFETCH = 64
+#: Largest pickled arguments queued to a worker that is running an attempt.
+#: MAX_PREFETCH of them fit the pipe's buffer of about 200 KiB on Linux.
+MAX_QUEUED_ARGUMENT_BYTES = 2048
 
 #: Most tasks a stopping run reads from its sources only to cancel them, and
 #: the most seconds it spends doing so: a source may be endless.
@@ -298,6 +301,13 @@ class Supervisor:
                     continue
                 record = self._next_ready_record()
                 if record is None:
+                    self._send_batches(batches)
+                    return
+                if level > 1 and len(record.arguments) > MAX_QUEUED_ARGUMENT_BYTES:
+                    # A busy worker reads its pipe only between attempts, so
+                    # big arguments queued behind a running attempt could fill
+                    # the pipe and block this thread. They wait for an idle worker.
+                    self.ready.appendleft(record)
                     self._send_batches(batches)
                     return
                 batches.setdefault(index, []).append(self._new_submission(record, index))
