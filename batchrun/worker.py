@@ -217,14 +217,16 @@ class _WorkerLoop:
             self.outbox = []
 
     def receive(self) -> list[Submission] | None:
-        """Wait for the next batch, giving up when the supervisor has died."""
+        """Wait for the next batch; return ``None`` when told to stop, and exit when the supervisor has died."""
         while not self.connection.poll(PARENT_CHECK_INTERVAL):
             if os.getppid() != self.parent_pid:
-                return None
+                os._exit(0)
         try:
             return self.connection.recv()
-        except EOFError:
-            return None
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            # The supervisor is gone. Exiting at once spares loky's own loop a
+            # failed attempt to report to a dead parent.
+            os._exit(0)
         except Exception:  # noqa: BLE001 - a message this worker cannot decode leaves it nothing to run
             logging.getLogger(__name__).exception("worker-receive-failed pid=%d: exiting", os.getpid())
             os._exit(70)
@@ -232,7 +234,7 @@ class _WorkerLoop:
     def send(self, events: list[tuple]) -> None:
         try:
             self.connection.send(events)
-        except (BrokenPipeError, EOFError):
+        except (BrokenPipeError, ConnectionResetError, EOFError):
             # The supervisor is gone; nothing can report to it any more.
             os._exit(0)
 
