@@ -17,7 +17,7 @@ class BatchrunError(Exception):
 class ConfigError(BatchrunError):
     """Raised when a batch configuration is invalid.
 
-    The message names the file and the key and says how to fix the value.
+    The message names the file and the key and explains how to fix the value.
     When several problems are found at once, ``problems`` lists each of them
     and the message joins them, one per line.
     """

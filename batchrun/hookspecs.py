@@ -108,6 +108,10 @@ def on_retry(task: Task, attempt: Attempt, delay: float) -> None:
 def on_terminal(task: Task, outcome: Outcome) -> None:
     """Called exactly once per task, when it reaches its final state.
 
+    A resumed run does not call it again for tasks that ended in an earlier
+    session; it calls it once more for a task that runs again there
+    (cancelled earlier, or rerun by ``--retry-failed`` or ``--rerun-changed``).
+
     :param task: the task that ended.
     :param outcome: its final state, attempt count, result or last error.
 

@@ -4,9 +4,9 @@ The supervisor writes each event here, and commits it, before the hooks for
 it fire, so what a plugin reports is always on disk first. Events of one
 supervisor loop turn share one transaction, which keeps the cost per attempt
 small. The file uses SQLite's write-ahead log, so a reader (``batchrun
-status``) does not block the writer, and a supervisor killed at any point
-leaves every committed event intact (a power cut can lose the last commits,
-because commits do not wait for the disk: ``synchronous=NORMAL``).
+status``) does not block the writer. A supervisor killed at any point leaves
+every committed event intact. A power cut can lose the last commits, because
+with ``synchronous=NORMAL`` a commit does not wait for the disk.
 
 Tables:
 
@@ -222,14 +222,9 @@ class Journal:
     # -- runs ------------------------------------------------------------------------
 
     def unfinished_run(self, name: str) -> RunRecord | None:
-        """Return the latest run of this name that did not finish, or ``None``."""
-        row = self.connection.execute(
-            "SELECT * FROM runs WHERE name = ? ORDER BY run_id DESC LIMIT 1", (name,)
-        ).fetchone()
-        if row is None:
-            return None
-        run = _run_from_row(row)
-        return run if run.status != "finished" else None
+        """Return the latest run of this name if it did not finish, or ``None``."""
+        run = self.latest_run(name)
+        return run if run is not None and run.status != "finished" else None
 
     def latest_run(self, name: str) -> RunRecord | None:
         """Return the latest run of this name, finished or not, or ``None``."""

@@ -30,9 +30,10 @@ _EMPTY_MAPPING: Mapping[str, Any] = MappingProxyType({})
 class RetrySettings:
     """How failed attempts of a task are retried.
 
-    The supervisor stops retrying when ``max_attempts`` is reached or when the
-    error does not match ``retry_on``; otherwise the ``retry_delay`` hook of the
-    policy named by ``policy`` picks the delay, or stops the retries.
+    The supervisor stops retrying when ``max_attempts`` or a ``max_failures``
+    limit is reached, or when a raised exception does not match ``retry_on``.
+    Otherwise the ``retry_delay`` hook of the policy named by ``policy`` picks
+    the delay, or stops the retries.
     """
 
     #: Name of the retry policy: "none", "fixed", "exponential" or one a plugin registers.
@@ -114,7 +115,7 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """Why an attempt failed, as plain text that needs no unpickling."""
+    """The cause of an attempt's failure, as plain text that needs no unpickling."""
 
     #: The failure kind: exception, crash, timeout, cancelled or payload.
     kind: FailureKind

@@ -1,6 +1,6 @@
 """Worker processes behind a small backend interface; the only module that imports loky.
 
-The supervisor sees a fixed number of *slots*. Each slot holds at most one
+The supervisor drives a fixed number of *slots*. Each slot holds at most one
 worker process, and each worker runs at most one attempt at a time, so the
 number of slots is a hard ceiling on attempts running at once. A backend moves
 batches of submissions into slots and brings back the workers' event lists;
@@ -108,7 +108,7 @@ class Backend(ABC):
         """Stop every worker: ask them to exit, wait ``grace`` seconds, then kill what is left."""
 
 
-#: Longest single wait for events, in seconds.
+#: Maximum duration of a single wait for events, in seconds.
 MAX_WAIT_SECONDS = 3600.0
 
 
@@ -159,7 +159,6 @@ class LokyBackend(Backend):
         self._wake_reader, self._wake_writer = multiprocessing.Pipe(duplex=False)
         self._wake_fd = self._wake_writer.fileno()
         os.set_blocking(self._wake_fd, False)
-        self._by_connection: dict[Connection, _Slot] = {}
         self._lock = threading.Lock()
         # One selector for the whole run: multiprocessing.connection.wait()
         # builds and fills a new one on every call, which costs more than the
@@ -199,7 +198,6 @@ class LokyBackend(Backend):
         slot.poller.register(parent_end.fileno(), select.POLLIN)
         slot.pid = None
         slot.state = "starting"
-        self._by_connection[parent_end] = slot
         self._selector.register(parent_end, selectors.EVENT_READ, slot)
 
         # End-of-file on the pipe is not enough to notice a worker's death: a
@@ -281,7 +279,6 @@ class LokyBackend(Backend):
     def _mark_lost(self, slot: _Slot) -> None:
         connection = slot.connection
         if connection is not None:
-            self._by_connection.pop(connection, None)
             self._selector.unregister(connection)
             connection.close()
         slot.connection = None
@@ -299,7 +296,7 @@ class LokyBackend(Backend):
         # group too, which ends any process the task started.
         pid = slot.pid if slot.pid is not None else getattr(slot.process, "pid", None)
         if pid is not None:
-            if slot.process is not None and slot.process.exitcode is None and psutil.pid_exists(pid) and not _is_zombie_pid(pid):
+            if slot.process is not None and slot.process.exitcode is None and _is_pid_running(pid):
                 # Still running with its pipe closed (a task that closed file
                 # descriptors, say): the SIGKILL below is batchrun's own.
                 slot.kill_note = "its pipe to the supervisor closed while it still ran, so batchrun killed it"
@@ -398,11 +395,11 @@ class LokyBackend(Backend):
                 except OSError:
                     pass
 
-        deadline = _monotonic() + grace
+        deadline = time.monotonic() + grace
         for slot in self.slots:
             if slot.future is None:
                 continue
-            remaining = max(0.0, deadline - _monotonic())
+            remaining = max(0.0, deadline - time.monotonic())
             try:
                 slot.future.result(timeout=remaining)
             except Exception:  # noqa: BLE001 - a worker that failed or did not stop is killed below
@@ -419,7 +416,6 @@ class LokyBackend(Backend):
                 slot.connection = None
             self._unwatch_exit(slot)
             slot.state = "closed"
-        self._by_connection.clear()
         self._selector.close()
 
 
@@ -461,11 +457,11 @@ def stop_orphaned_workers(attempts: list[tuple[str, int | None]], timeout: float
             time.sleep(0.05)
 
 
-def _is_zombie_pid(pid: int) -> bool:
+def _is_pid_running(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return _is_running(psutil.Process(pid))
     except psutil.Error:
-        return True
+        return False
 
 
 def _is_running(process: psutil.Process) -> bool:
@@ -524,7 +520,3 @@ def _exit_code(slot: _Slot) -> int | None:
         return None
     process.join(timeout=1.0)
     return process.exitcode
-
-
-def _monotonic() -> float:
-    return time.monotonic()

@@ -29,7 +29,7 @@ The three laws hold by construction:
   previous one ended, and events of an attempt id that is no longer in flight
   are dropped.
 - Every task leaves through :meth:`Supervisor.finish_task`, which fires
-  ``on_terminal`` once; the loop ends only when nothing is ready, delayed or
+  ``on_terminal`` once. The loop ends only when nothing is ready, delayed or
   in flight and the task source is exhausted.
 """
 

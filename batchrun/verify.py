@@ -8,10 +8,10 @@ The checks, over the events in the order the supervisor handled them:
    ceiling.
 2. **One live attempt per task.** A task never starts an attempt while another
    of its attempts is open, and never finishes while one is.
-3. **Everything ends.** Every attempt that started is closed (ended, or
-   interrupted when a resumed run takes over) once the run has ended, and
-   every task has exactly one ``task-finished`` event since it was last reset
-   or reopened by a resumed run.
+3. **Everything ends.** Once the run has ended, every attempt that started is
+   closed: ended, or interrupted when a resumed run took over. Every task has
+   exactly one ``task-finished`` event since a resumed run last reset or
+   reopened it.
 
 A run whose supervisor died, and that was not resumed yet, is reported as
 unfinished rather than as a violation of the third law.

@@ -217,7 +217,7 @@ class _WorkerLoop:
             self.outbox = []
 
     def receive(self) -> list[Submission] | None:
-        """Wait for the next batch; return ``None`` when told to stop, and exit when the supervisor has died."""
+        """Wait for the next batch; return ``None`` when the supervisor sends it, and exit when the supervisor has died."""
         while not self.connection.poll(PARENT_CHECK_INTERVAL):
             if os.getppid() != self.parent_pid:
                 os._exit(0)

@@ -97,33 +97,43 @@ def main() -> None:
     parser.add_argument("--write", metavar="FILE", help="also put the results in this Markdown page, replacing its CPU section")
     arguments = parser.parse_args()
     cores = os.cpu_count() or 1
+
     share, cpu_seconds, wall = measure(arguments.tasks, arguments.millis, cores)
     print(f"batchrun:             {share:.1%} of {cores} cores ({cpu_seconds:.2f} task CPU seconds in {wall:.2f} s wall)")
     pool_share, pool_cpu, pool_wall = measure_pool(arguments.tasks, arguments.millis, cores)
     print(f"multiprocessing.Pool: {pool_share:.1%} of {cores} cores ({pool_cpu:.2f} task CPU seconds in {pool_wall:.2f} s wall)")
     print(f"batchrun / Pool = {share / pool_share:.2f}")
+
     if arguments.write:
-        lines = [
-            SECTION_TITLE,
-            "",
-            f"Measured with `python -m benchmarks.cpu_use --tasks {arguments.tasks} --millis {arguments.millis}` on"
-            f" {time.strftime('%Y-%m-%d')}, {cores} cores. CPU use is the tasks' own CPU seconds over wall seconds"
-            " times cores, from pool start to pool exit for both contenders.",
-            "",
-            "| contender | CPU use | wall seconds |",
-            "| --- | ---: | ---: |",
-            f"| batchrun | {share:.1%} | {wall:.2f} |",
-            f"| multiprocessing.Pool, chunksize 1 | {pool_share:.1%} | {pool_wall:.2f} |",
-            "",
-            f"batchrun over multiprocessing.Pool, measured in the same run: **{share / pool_share:.2f}x**.",
-            "",
-            "On a quiet machine on 2026-12-04, batchrun kept 95.8% of both cores busy and multiprocessing.Pool",
-            "97.9%. Six earlier runs shared the machine with a test suite running in parallel: the pool then",
-            "reached only 65% to 88%, and the ratio of the two ranged from 0.87 to 1.33. Compare the ratio when the",
-            "machine is busy.",
-            "",
-        ]
-        replace_section(Path(arguments.write), "\n".join(lines))
+        section = format_section(arguments, cores, (share, wall), (pool_share, pool_wall))
+        replace_section(Path(arguments.write), section)
+
+
+def format_section(arguments: argparse.Namespace, cores: int, batchrun: tuple[float, float], pool: tuple[float, float]) -> str:
+    """Return the Markdown section for the page: the command, a table of both contenders and the ratio."""
+    share, wall = batchrun
+    pool_share, pool_wall = pool
+    lines = [
+        SECTION_TITLE,
+        "",
+        f"Measured with `python -m benchmarks.cpu_use --tasks {arguments.tasks} --millis {arguments.millis}` on"
+        f" {time.strftime('%Y-%m-%d')}, {cores} cores. CPU use is the tasks' own CPU seconds over wall seconds"
+        " times cores, from pool start to pool exit for both contenders.",
+        "",
+        "| contender | CPU use | wall seconds |",
+        "| --- | ---: | ---: |",
+        f"| batchrun | {share:.1%} | {wall:.2f} |",
+        f"| multiprocessing.Pool, chunksize 1 | {pool_share:.1%} | {pool_wall:.2f} |",
+        "",
+        f"batchrun over multiprocessing.Pool, measured in the same run: **{share / pool_share:.2f}x**.",
+        "",
+        "On a quiet machine on 2026-12-04, batchrun kept 95.8% of both cores busy and multiprocessing.Pool",
+        "97.9%. Six earlier runs shared the machine with a test suite running in parallel: the pool then",
+        "reached only 65% to 88%, and the ratio of the two ranged from 0.87 to 1.33. Compare the ratio when the",
+        "machine is busy.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 SECTION_TITLE = "## CPU-bound batches"

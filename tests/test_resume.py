@@ -362,7 +362,7 @@ def test_resume_after_deadline_exits_0(deadline_resumed):
 
 
 @pytest.mark.timeout(90)
-def test_resume_after_deadline_runs_each_task_to_success_once(deadline_resumed):
+def test_resume_after_deadline_succeeds_once(deadline_resumed):
     results = results_by_task(deadline_resumed["config_path"])
     successes = defaultdict(int)
     for record in read_records(deadline_resumed["log"]):
@@ -463,7 +463,7 @@ def test_resume_after_sigint_exits_0(sigint_resumed):
 
 
 @pytest.mark.timeout(90)
-def test_resume_after_sigint_runs_each_task_to_success_once(sigint_resumed):
+def test_resume_after_sigint_succeeds_once(sigint_resumed):
     results = results_by_task(sigint_resumed["config_path"])
     successes = defaultdict(int)
     for record in read_records(sigint_resumed["log"]):

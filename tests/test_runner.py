@@ -578,7 +578,7 @@ def loky_reaps_first(monkeypatch):
 
     loky's management thread and the supervisor's thread both call
     ``waitpid`` on a dead worker. Whichever comes second gets ``ECHILD`` and
-    sees no exit code until the first one has stored it. The patch delays the
+    finds no exit code until the first one has stored it. The patch delays the
     supervisor's thread by 0.1 s before it polls, and loky's thread by 0.3 s
     between reaping and storing, which is the order that happens by chance in
     about one run in ten without it.

@@ -181,10 +181,10 @@ class StoryLog:
             plugin_errors,
         )
         if summary.unsuccessful:
-            shown = ", ".join(summary.unsuccessful[:UNSUCCESSFUL_LISTED])
+            listed_ids = ", ".join(summary.unsuccessful[:UNSUCCESSFUL_LISTED])
             more = len(summary.unsuccessful) - UNSUCCESSFUL_LISTED
             suffix = f" and {more} more" if more > 0 else ""
-            log.log(level, "UNSUCCESSFUL %s%s", shown, suffix)
+            log.log(level, "UNSUCCESSFUL %s%s", listed_ids, suffix)
 
     # -- rate limiting -----------------------------------------------------------------
 
